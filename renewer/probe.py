@@ -25,6 +25,7 @@ from typing import Literal
 from cryptography import x509
 from OpenSSL import SSL
 
+from renewer.certs import dns_names, serial_hex
 from renewer.errors import ConfigError, ProbeError
 
 log = logging.getLogger(__name__)
@@ -118,16 +119,19 @@ class ServedCertificate:
 class _Conversation:
     """A plain-text SMTP dialogue on a socket, every wait bounded by ``deadline``."""
 
-    def __init__(self, endpoint: Endpoint, sock: socket.socket, deadline: float) -> None:
+    def __init__(
+        self, endpoint: Endpoint, sock: socket.socket, timeout: float, deadline: float
+    ) -> None:
         self.endpoint = endpoint
         self.sock = sock
+        self.timeout = timeout
         self.deadline = deadline
         self.buffer = b""
 
     def remaining(self, doing: str) -> float:
         left = self.deadline - time.monotonic()
         if left <= 0:
-            raise ProbeError(f"{self.endpoint}: no answer in time while {doing}")
+            raise ProbeError(f"{self.endpoint}: no answer within {self.timeout:g}s while {doing}")
         return left
 
     def send(self, line: str) -> None:
@@ -139,7 +143,12 @@ class _Conversation:
             if len(self.buffer) > _MAX_LINE:
                 raise ProbeError(f"{self.endpoint}: reply line too long while {doing}")
             self.sock.settimeout(self.remaining(doing))
-            chunk = self.sock.recv(4096)
+            try:
+                chunk = self.sock.recv(4096)
+            except TimeoutError as exc:
+                raise ProbeError(
+                    f"{self.endpoint}: no answer within {self.timeout:g}s while {doing}"
+                ) from exc
             if not chunk:
                 raise ProbeError(f"{self.endpoint}: connection closed while {doing}")
             self.buffer += chunk
@@ -176,7 +185,7 @@ def probe_endpoint(endpoint: Endpoint, sni: str, *, timeout: float = 10.0) -> Se
     The whole probe (connect, SMTP dialogue, handshake) finishes within ``timeout``
     seconds. Raises ``ProbeError`` naming the endpoint on any failure.
     """
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout  # one budget for the whole probe
     doing = "connecting"
     try:
         sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
@@ -188,7 +197,7 @@ def probe_endpoint(endpoint: Endpoint, sni: str, *, timeout: float = 10.0) -> Se
         raise ProbeError(f"{endpoint}: cannot resolve {endpoint.host}: {exc.strerror}") from exc
     except OSError as exc:
         raise ProbeError(f"{endpoint}: cannot connect: {exc.strerror or exc}") from exc
-    talk = _Conversation(endpoint, sock, deadline)
+    talk = _Conversation(endpoint, sock, timeout, deadline)
     try:
         if endpoint.mode == "starttls":
             doing = "negotiating STARTTLS"
@@ -197,7 +206,13 @@ def probe_endpoint(endpoint: Endpoint, sni: str, *, timeout: float = 10.0) -> Se
         tls = _handshake(talk, sni)
         served = _served(endpoint, tls)
         _quit_politely(talk, tls)
-        log.info("%s serves %s", endpoint, served.leaf.subject.rfc4514_string())
+        log.info(
+            "%s serves %s (serial %s, %d more in chain)",
+            endpoint,
+            ", ".join(dns_names(served.leaf)) or "a certificate without DNS names",
+            serial_hex(served.leaf),
+            len(served.chain),
+        )
         return served
     except ProbeError:
         raise
@@ -266,7 +281,9 @@ def _wait(talk: _Conversation, *, readable: bool) -> None:
     reads, writes = ([talk.sock], []) if readable else ([], [talk.sock])
     ready = select.select(reads, writes, [], left)
     if not any(ready):
-        raise ProbeError(f"{talk.endpoint}: no answer in time while in the TLS handshake")
+        raise ProbeError(
+            f"{talk.endpoint}: no answer within {talk.timeout:g}s while in the TLS handshake"
+        )
 
 
 def _is_ip(text: str) -> bool:
