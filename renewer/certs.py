@@ -34,6 +34,7 @@ from renewer.errors import CertificateInvalidError, ConfigError
 _PEM_CERT = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
 )
+_ENCOUNTERED = re.compile(r"\s*\(encountered processing <Certificate\(.*\)>\)$", re.DOTALL)
 # Stands in for the "*" of a wildcard name when one is checked as a server name.
 _WILDCARD_PROBE_LABEL = "wildcard-check"
 
@@ -167,7 +168,11 @@ def verify_chain(
         )
         verifier.verify(leaf, list(intermediates))
     except VerificationError as exc:
-        raise ChainError(f"chain does not verify for {name}: {exc}") from exc
+        # Drop the verifier's "(encountered processing <Certificate(...)>)": a repr, not news.
+        reason = _ENCOUNTERED.sub("", str(exc))
+        if "candidates exhausted" in reason:  # the verifier's words for "no path found"
+            reason = f"no path to a trusted root from the issuer {issuer_text(leaf)!r}"
+        raise ChainError(f"chain does not verify for {name}: {reason}") from exc
     except ValueError as exc:  # a name or certificate the verifier cannot even consider
         raise ChainError(f"chain cannot be verified for {name}: {exc}") from exc
 
