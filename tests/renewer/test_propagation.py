@@ -11,6 +11,10 @@ import dns.resolver
 import pytest
 
 from emulators.bind import BindServer, generate_tsig_secret
+from emulators.cloudflare_api import CloudflareApi, TokenScope, new_token
+from emulators.dns_server import DnsServer, RecordStore
+from renewer.dns_cloudflare import CloudflareDns
+from renewer.dns_provider import TxtRecord
 from renewer.dns_rfc2136 import Rfc2136Dns
 from renewer.errors import DnsChallengeError
 from renewer.propagation import FIRST_DELAY, MAX_DELAY, wait_for_txt
@@ -168,3 +172,36 @@ def test_poll_interval_grows_from_20ms_to_half_a_second(primary: BindServer) -> 
 def test_unreachable_nameserver_times_out_with_reason() -> None:
     with pytest.raises(DnsChallengeError, match=r"127\.0\.0\.1:9.*no answer"):
         wait_for_txt(NAME, "x", nameservers=[("127.0.0.1", 9)], timeout=0.3)
+
+
+def test_cloudflare_emulator_to_loopback_dns_end_to_end() -> None:
+    # The demo's path: CloudflareDns -> API emulator -> RecordStore -> DnsServer -> poll.
+    store = RecordStore()
+    token = new_token()
+    zone_id = "9" * 32
+    with (
+        CloudflareApi(store, {"example.com": zone_id}, {token: TokenScope()}) as api,
+        DnsServer(store, ["example.com"]) as server,
+    ):
+        cloudflare = CloudflareDns(api.base_url, Secret(token), {"example.com": zone_id})
+        published_at: list[float] = []
+        records: list[TxtRecord] = []
+
+        def publish() -> None:
+            time.sleep(0.4)
+            records.append(cloudflare.create_txt(NAME, "cf-value"))
+            published_at.append(time.monotonic())
+
+        thread = threading.Thread(target=publish)
+        thread.start()
+        try:
+            wait_for_txt(NAME, "cf-value", nameservers=[server.address], timeout=10)
+            seen_at = time.monotonic()
+        finally:
+            thread.join()
+        latency = seen_at - published_at[0]
+        print(f"\nCloudflare emulator -> DnsServer: detection latency {latency * 1000:.0f} ms")
+        assert latency < MAX_DELAY + 0.3
+        cloudflare.delete_txt(records[0])
+        with pytest.raises(DnsChallengeError, match="no TXT record yet"):
+            wait_for_txt(NAME, "cf-value", nameservers=[server.address], timeout=0.3)
