@@ -1,0 +1,328 @@
+"""One run of the job: config -> decide -> issue -> validate -> deploy -> verify -> report.
+
+Each certificate runs on its own (``renewal.concurrency`` at a time); a failure in one
+marks it failed and the others carry on. Deployments to one Fly app never overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from cryptography import x509
+
+from renewer.certs import (
+    days_left,
+    dns_names,
+    fingerprint_sha256,
+    issuer_text,
+    load_roots,
+    not_after,
+    serial_hex,
+)
+from renewer.config import CertificateConfig, DotenvTargetConfig, Settings
+from renewer.decide import AriWindow, EndpointState, assess_endpoint, decide_renewal
+from renewer.deploy_dotenv import DotenvTarget
+from renewer.errors import DeployError, ProbeError, RenewerError, StepError
+from renewer.probe import Endpoint, ServedCertificate, probe_endpoint
+from renewer.report import CertificateReport, EndpointReport, RunReport
+from renewer.services import Services
+from renewer.targets import Target, TargetResult
+from renewer.validate import ValidatedCertificate, validate_certificate
+from renewer.verify import EndpointsNotServingError, VerifyResult, verify_endpoints
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    force: bool = False
+    dry_run: bool = False
+    probe_timeout: float = 10.0
+    verify_timeout: float = 300.0
+
+
+@dataclass
+class RunContext:
+    settings: Settings
+    options: RunOptions
+    services: Services
+    roots: Sequence[x509.Certificate]
+    use_system_roots: bool
+    now: Callable[[], datetime]
+    app_locks: dict[str, threading.Lock] = field(default_factory=dict)
+
+
+ProbeResult = tuple[Endpoint, ServedCertificate | ProbeError]
+
+
+def probe_all(endpoints: Sequence[Endpoint], sni: str, timeout: float) -> list[ProbeResult]:
+    """Probes endpoints in parallel; each result is a ServedCertificate or a ProbeError."""
+
+    def one(endpoint: Endpoint) -> ProbeResult:
+        try:
+            return endpoint, probe_endpoint(endpoint, sni, timeout=timeout)
+        except ProbeError as exc:
+            return endpoint, exc
+
+    if not endpoints:
+        return []
+    with ThreadPoolExecutor(max_workers=min(8, len(endpoints))) as pool:
+        return list(pool.map(one, endpoints))
+
+
+def assess_certificate(ctx: RunContext, cert: CertificateConfig) -> list[EndpointState]:
+    """Probes the certificate's endpoints and judges each, asking the CA's ARI when enabled."""
+    now = ctx.now()
+    probed = probe_all(cert.endpoints, cert.domains[0], ctx.options.probe_timeout)
+    windows = _ari_windows(ctx, [r for _, r in probed if isinstance(r, ServedCertificate)])
+    states = []
+    for endpoint, result in probed:
+        if isinstance(result, ProbeError):
+            states.append(
+                assess_endpoint(
+                    endpoint,
+                    None,
+                    str(result),
+                    domains=cert.domains,
+                    roots=ctx.roots,
+                    use_system_roots=ctx.use_system_roots,
+                    before_days=ctx.settings.config.renewal.before_days,
+                    now=now,
+                )
+            )
+            continue
+        assert isinstance(result, ServedCertificate)
+        states.append(
+            assess_endpoint(
+                endpoint,
+                result,
+                None,
+                domains=cert.domains,
+                roots=ctx.roots,
+                use_system_roots=ctx.use_system_roots,
+                before_days=ctx.settings.config.renewal.before_days,
+                now=now,
+                ari_window=windows.get(fingerprint_sha256(result.leaf)),
+            )
+        )
+    return states
+
+
+def _ari_windows(ctx: RunContext, served: Sequence[ServedCertificate]) -> dict[str, AriWindow]:
+    if not ctx.settings.config.renewal.ari or not served:
+        return {}
+    windows: dict[str, AriWindow] = {}
+    for item in served:
+        leaf = item.leaf
+        key = fingerprint_sha256(leaf)
+        if key in windows:
+            continue
+        window = ctx.services.renewal_window(leaf, ctx.now())
+        if window is not None:
+            windows[key] = window
+    return windows
+
+
+def endpoint_reports(states: Sequence[EndpointState], now: datetime) -> list[EndpointReport]:
+    reports = []
+    for state in states:
+        leaf = state.leaf
+        if leaf is None:
+            reports.append(EndpointReport(str(state.endpoint), problems=state.problems))
+            continue
+        reports.append(
+            EndpointReport(
+                endpoint=str(state.endpoint),
+                serial=serial_hex(leaf),
+                not_after=not_after(leaf),
+                days_left=days_left(leaf, now),
+                issuer=issuer_text(leaf),
+                names=dns_names(leaf),
+                problems=state.problems,
+            )
+        )
+    return reports
+
+
+def build_targets(ctx: RunContext, cert: CertificateConfig) -> list[Target]:
+    targets: list[Target] = []
+    for target in cert.targets:
+        if isinstance(target, DotenvTargetConfig):
+            targets.append(DotenvTarget(target, ctx.services.cwd))
+        else:
+            lock = ctx.app_locks.setdefault(target.app, threading.Lock())
+            targets.append(ctx.services.fly_target(target, lock))
+    return targets
+
+
+def deploy_to_targets(
+    targets: Sequence[Target], validated: ValidatedCertificate, report: CertificateReport
+) -> None:
+    """Deploys target by target; stops at the first failure, leaving the rest untouched."""
+    for index, target in enumerate(targets):
+        try:
+            result = target.deploy(validated.material)
+        except DeployError as exc:
+            report.targets.append(TargetResult(target.type, target.name, "failed", str(exc)))
+            for rest in targets[index + 1 :]:
+                report.targets.append(
+                    TargetResult(
+                        rest.type, rest.name, "skipped", "not attempted: an earlier target failed"
+                    )
+                )
+            raise
+        log.info("deploy %s %s: %s (%s)", result.type, result.name, result.status, result.detail)
+        report.targets.append(result)
+
+
+def _apply_verify(
+    report: CertificateReport, results: Sequence[VerifyResult], now: datetime
+) -> None:
+    by_endpoint = {str(r.endpoint): r for r in results}
+    fresh = []
+    for ep in report.endpoints:
+        result = by_endpoint.get(ep.endpoint)
+        if result is None or result.served is None:
+            fresh.append(ep)
+            continue
+        leaf = result.served.leaf
+        fresh.append(
+            EndpointReport(
+                endpoint=ep.endpoint,
+                serial=serial_hex(leaf),
+                not_after=not_after(leaf),
+                days_left=days_left(leaf, now),
+                matches_new=result.matches,
+                issuer=issuer_text(leaf),
+                names=dns_names(leaf),
+                problems=() if result.matches else (result.detail,),
+            )
+        )
+    report.endpoints = fresh
+
+
+def renew_certificate(ctx: RunContext, cert: CertificateConfig) -> CertificateReport:
+    report = CertificateReport(cert.name)
+    threading.current_thread().name = cert.name
+    step = "decide"
+    try:
+        started = time.monotonic()
+        states = assess_certificate(ctx, cert)
+        report.endpoints = endpoint_reports(states, ctx.now())
+        decision = decide_renewal(
+            states,
+            force=ctx.options.force,
+            fallback="no endpoints are configured, so nothing live can be checked",
+        )
+        report.reason = decision.reason
+        report.timings["decide"] = time.monotonic() - started
+        log.info("decide: %s: %s", "renew" if decision.due else "nothing due", decision.reason)
+        if not decision.due:
+            report.action = "skipped"
+            return report
+
+        step = "issue"
+        started = time.monotonic()
+        issued = ctx.services.issue(cert, decision.replaces, dry_run=ctx.options.dry_run)
+        report.timings["issue"] = time.monotonic() - started
+        report.timings.update({f"issue.{k}": v for k, v in issued.timings.items()})
+
+        step = "validate"
+        started = time.monotonic()
+        validated = validate_certificate(
+            issued,
+            cert.domains,
+            ctx.roots,
+            now=ctx.now(),
+            use_system_roots=ctx.use_system_roots,
+        )
+        report.timings["validate"] = time.monotonic() - started
+        report.serial = validated.serial
+        report.not_after = validated.not_after
+        report.fingerprint_sha256 = validated.fingerprint
+        log.info(
+            "validate: serial %s, expires %s, sha256 %s: key, names, chain, dates, serverAuth "
+            "and a local STARTTLS handshake all good",
+            validated.serial,
+            validated.not_after.strftime("%Y-%m-%d"),
+            validated.fingerprint,
+        )
+        if ctx.options.dry_run:
+            report.action = "renewed"
+            report.reason = f"dry run: issued and validated, not deployed ({decision.reason})"
+            report.targets = [
+                TargetResult(t.type, t.name, "skipped", "dry run") for t in build_targets(ctx, cert)
+            ]
+            return report
+
+        step = "deploy"
+        started = time.monotonic()
+        deploy_to_targets(build_targets(ctx, cert), validated, report)
+        report.timings["deploy"] = time.monotonic() - started
+
+        step = "verify"
+        started = time.monotonic()
+        try:
+            results = verify_endpoints(
+                cert.endpoints,
+                cert.domains[0],
+                validated.fingerprint,
+                timeout=ctx.options.verify_timeout,
+                probe_timeout=ctx.options.probe_timeout,
+            )
+        except EndpointsNotServingError as exc:
+            _apply_verify(report, exc.results, ctx.now())
+            raise
+        _apply_verify(report, results, ctx.now())
+        report.timings["verify"] = time.monotonic() - started
+        report.action = "renewed"
+    except StepError as exc:
+        failed_step = step if exc.step in ("api", "run") else exc.step
+        log.error("%s failed: %s", failed_step, exc)
+        report.fail(failed_step, str(exc))
+    except RenewerError as exc:
+        log.error("%s failed: %s", step, exc)
+        report.fail(step, str(exc))
+    return report
+
+
+def run(
+    settings: Settings,
+    options: RunOptions,
+    services: Services,
+    *,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> RunReport:
+    """Runs every certificate and returns the report (it never raises for a failed step)."""
+    report = RunReport(started_at=now(), dry_run=options.dry_run, forced=options.force)
+    config = settings.config
+    ctx = make_context(settings, options, services, now)
+    workers = max(1, min(config.renewal.concurrency, len(config.certificates)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cert") as pool:
+        for cert_report in pool.map(lambda c: renew_certificate(ctx, c), config.certificates):
+            report.add(cert_report)
+    report.finished_at = now()
+    return report
+
+
+def make_context(
+    settings: Settings,
+    options: RunOptions,
+    services: Services,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> RunContext:
+    bundle = settings.config.acme.ca_bundle
+    return RunContext(
+        settings=settings,
+        options=options,
+        services=services,
+        roots=load_roots(None if bundle is None else services.cwd / bundle),
+        use_system_roots=True,
+        now=now,
+    )
