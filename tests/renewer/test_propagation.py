@@ -205,3 +205,14 @@ def test_cloudflare_emulator_to_loopback_dns_end_to_end() -> None:
         cloudflare.delete_txt(records[0])
         with pytest.raises(DnsChallengeError, match="no TXT record yet"):
             wait_for_txt(NAME, "cf-value", nameservers=[server.address], timeout=0.3)
+
+
+def test_truncated_udp_answer_falls_back_to_tcp() -> None:
+    store = RecordStore()
+    for i in range(30):  # ~30 x 45 bytes: more than 512 bytes over UDP without EDNS
+        store.add(NAME, "TXT", f"{i:02d}" + "x" * 41)
+    store.add(NAME, "TXT", "wanted")
+    with DnsServer(store, ["example.com"]) as server:
+        wait_for_txt(NAME, "wanted", nameservers=[server.address], timeout=5)
+        transports = [t for name, rtype, t in server.queries() if name == NAME]
+    assert transports[:2] == ["udp", "tcp"]
