@@ -317,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server = SmtpServer(listeners, *_values(args), host=hosts.pop())
     except CertificateInvalidError as exc:
-        log.error("cannot start: %s", exc)  # noqa: TRY400 - the message is the whole story
+        log.error("cannot start: %s", exc)
         return 2
     with server:
         _announce(server, args.ready_file)
@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 try:
                     server.reload(*_values(args))
                 except CertificateInvalidError as exc:
-                    log.error("reload failed, still serving the old certificate: %s", exc)  # noqa: TRY400
+                    log.error("reload failed, still serving the old certificate: %s", exc)
                     continue
                 with contextlib.suppress(OSError):
                     _announce(server, args.ready_file)

@@ -195,8 +195,8 @@ def probe_endpoint(endpoint: Endpoint, sni: str, *, timeout: float = 10.0) -> Se
         raise ProbeError(f"{endpoint}: no answer within {timeout:g}s while connecting") from exc
     except socket.gaierror as exc:
         raise ProbeError(f"{endpoint}: cannot resolve {endpoint.host}: {exc.strerror}") from exc
-    except OSError as exc:
-        raise ProbeError(f"{endpoint}: cannot connect: {exc.strerror or exc}") from exc
+    except (OSError, ValueError) as exc:  # ValueError: a host name the resolver refuses
+        raise ProbeError(f"{endpoint}: cannot connect: {_os_reason(exc)}") from exc
     talk = _Conversation(endpoint, sock, timeout, deadline)
     try:
         if endpoint.mode == "starttls":
@@ -220,10 +220,14 @@ def probe_endpoint(endpoint: Endpoint, sni: str, *, timeout: float = 10.0) -> Se
         raise ProbeError(f"{endpoint}: no answer within {timeout:g}s while {doing}") from exc
     except SSL.Error as exc:
         raise ProbeError(f"{endpoint}: TLS handshake failed: {_ssl_reason(exc)}") from exc
-    except OSError as exc:
-        raise ProbeError(f"{endpoint}: connection failed while {doing}: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise ProbeError(f"{endpoint}: connection failed while {doing}: {_os_reason(exc)}") from exc
     finally:
         sock.close()
+
+
+def _os_reason(exc: Exception) -> str:
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or type(exc).__name__
 
 
 def _starttls(talk: _Conversation) -> None:

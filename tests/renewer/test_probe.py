@@ -364,3 +364,6 @@ def test_refused_port_and_unresolvable_host() -> None:
             probe_endpoint(Endpoint("127.0.0.1", port, "starttls"), "smtp.example.com")
     with pytest.raises(ProbeError, match="cannot resolve"):
         probe_endpoint(Endpoint("does-not-exist.invalid", 25, "starttls"), "x", timeout=3)
+    # Built directly (Endpoint.parse refuses it): a label the resolver cannot encode.
+    with pytest.raises(ProbeError, match="cannot connect"):
+        probe_endpoint(Endpoint("a" * 70 + ".example", 25, "starttls"), "x", timeout=3)
