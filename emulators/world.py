@@ -47,6 +47,7 @@ class WorldOptions:
     with_notify: bool = True
     zone_ids_in_config: bool = False
     before_days: int = 30
+    smoke_check: float = 2.0
     extra_config: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -185,6 +186,7 @@ class LocalWorld:
                             "app": SUBMISSION_APP,
                             "api_base_url": self._fly_url(),
                             "wait_timeout": 60,
+                            "smoke_check": opts.smoke_check,
                         }
                     ],
                 }
@@ -200,6 +202,7 @@ class LocalWorld:
                             "app": INBOUND_APP,
                             "api_base_url": self._fly_url(),
                             "wait_timeout": 60,
+                            "smoke_check": opts.smoke_check,
                         }
                     ],
                 }

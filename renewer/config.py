@@ -90,6 +90,8 @@ class FlyTargetConfig:
     chain_secret: str = "FULLCHAIN"  # noqa: S105 - a variable name, not a secret
     api_base_url: str = FLY_API
     wait_timeout: float = 300.0
+    # flyctl watches a restarted machine for 10 s to catch a crash loop (fly-api.md 4.4).
+    smoke_check: float = 10.0
     type: Literal["fly"] = "fly"
 
     @property
@@ -449,6 +451,7 @@ def _parse_target(data: object, where: str, seen_paths: set[Path]) -> TargetConf
             chain_secret=_env_name(r.text("chain_secret", "FULLCHAIN"), r.path("chain_secret")),
             api_base_url=_api_url(r.text("api_base_url", FLY_API), r.path("api_base_url")),
             wait_timeout=r.number("wait_timeout", 300.0, 1, 3600),
+            smoke_check=r.number("smoke_check", 10.0, 0, 300),
         )
         if fly.key_secret == fly.chain_secret:
             raise ConfigError(r.path("chain_secret"), "must differ from key_secret")

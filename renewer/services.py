@@ -197,7 +197,7 @@ class Services:
                 client = FlyClient(config.api_base_url, token)
                 self._fly_clients[config.api_base_url] = client
         assert isinstance(client, FlyClient)
-        return FlyTarget(config, client, app_lock)
+        return FlyTarget(config, client, app_lock, smoke_check_seconds=config.smoke_check)
 
     # ------------------------------------------------------------------ report
 
