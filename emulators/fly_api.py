@@ -604,7 +604,10 @@ class FlyApi:
         for window in app.updates:
             if window.machine_id != machine.id or window.settled_at is not None:
                 continue
-            if window.instance_id != machine.instance_id:
+            if window.lease_released_at is not None:
+                # The updater let go of the machine before it settled: that was the end.
+                window.settled_at = window.lease_released_at
+            elif window.instance_id != machine.instance_id:
                 window.settled_at = time.monotonic()  # superseded by a newer update
             elif (machine.state == "started" and checks_ok) or (
                 window.skip_launch and machine.state not in _RUNNING
