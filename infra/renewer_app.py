@@ -134,7 +134,9 @@ class RenewerApp(pulumi.ComponentResource):
                 opts=_command_opts(self, app),
             )
             machine_deps.append(build)
-            image = build.id.apply(lambda _: ref)
+            # Known at preview time, so a PR's preview shows the new image in the machine
+            # spec; depends_on still makes the machine wait for the build.
+            image = pulumi.Output.from_input(ref)
 
         # The secrets command prints only {"app", "version"}; the version is a counter, not
         # a secret, and it must stay readable so the machine spec diff shows in previews.

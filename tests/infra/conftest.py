@@ -82,7 +82,7 @@ class Registration:
     inputs: dict[str, Any]
     raw: dict[str, Any]  # the serialized request object: secrets carry SECRET_SIG
     secret_outputs: list[str]
-    outputs: dict[str, Any] = field(default_factory=dict)
+    dependencies: list[str] = field(default_factory=list)  # URNs this one waits for
 
 
 class RecordingMocks(pulumi.runtime.Mocks):
@@ -148,6 +148,7 @@ class RecordingMonitor(MockMonitor):
                     inputs=inputs,
                     raw=raw,
                     secret_outputs=list(request.additionalSecretOutputs),
+                    dependencies=list(request.dependencies),
                 )
             )
         return response

@@ -90,6 +90,15 @@ def test_machine_is_weekly_with_restart_no_in_the_region(program: Program) -> No
     assert renewer == expected
 
 
+def test_machine_waits_for_app_secrets_and_image(program: Program) -> None:
+    commands = commands_of(program())
+    waits_for = {urn.rsplit("::", 1)[-1] for urn in commands["renewer-machine"].dependencies}
+    assert {"renewer-app", "renewer-secrets", "renewer-image"} <= waits_for
+    assert "renewer-machine" not in {
+        urn.rsplit("::", 1)[-1] for urn in commands["renewer-app"].dependencies
+    }
+
+
 def test_schedule_comes_from_config(program: Program) -> None:
     spec = _machine_spec(program(schedule="daily"))
     assert spec["config"]["schedule"] == "daily"  # type: ignore[index]
