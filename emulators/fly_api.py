@@ -653,7 +653,13 @@ class FlyApi:
         ready = base.with_suffix(".ready")
         listen = parse_listen(env.get("SMTP_LISTEN", ""))
         if machine.crash_loop:
-            argv = [sys.executable, "-c", "import sys, time; time.sleep(0.3); sys.exit(1)"]
+            argv = [
+                sys.executable,
+                "-I",
+                "-S",
+                "-c",
+                "import sys, time; time.sleep(0.1); sys.exit(1)",
+            ]
             ready_file = None
         elif listen:
             machine.host_ports = {port: _free_port() for port, _ in listen}

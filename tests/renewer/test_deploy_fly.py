@@ -49,10 +49,10 @@ class Fleet:
     client: FlyClient
     locks: dict[str, threading.Lock]
 
-    def target(self, app: str, wait_timeout: float = 10.0) -> FlyTarget:
+    def target(self, app: str, wait_timeout: float = 10.0, smoke: float = 0.4) -> FlyTarget:
         config = FlyTargetConfig(app=app, api_base_url=self.api.base_url, wait_timeout=wait_timeout)
         lock = self.locks.setdefault(app, threading.Lock())
-        return FlyTarget(config, self.client, lock, smoke_check_seconds=0.6, poll_interval=0.1)
+        return FlyTarget(config, self.client, lock, smoke_check_seconds=smoke, poll_interval=0.1)
 
     def served(self, app: str, port: int, mode: str = "starttls") -> set[str]:
         """Fingerprints served through the app's front port, hitting every machine."""
@@ -173,7 +173,9 @@ def test_a_bad_machine_halts_the_rollout_and_a_rerun_completes(fleet: Fleet, fau
     material = _material(trustme.CA())
 
     with pytest.raises(DeployError) as info:
-        fleet.target(SUBMISSION, wait_timeout=2).deploy(material)
+        # The crash comes ~0.1 s after start; a longer smoke window keeps this robust under load.
+        smoke = 1.5 if fault == "crash_loop" else 0.4
+        fleet.target(SUBMISSION, wait_timeout=1.5, smoke=smoke).deploy(material)
 
     message = str(info.value)
     assert f"machine {bad}" in message
