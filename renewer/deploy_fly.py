@@ -39,6 +39,7 @@ _LAUNCH_STATES = frozenset({"started", "starting", "failed"})
 # Checks flyctl ignores (fly-api.md 3.4).
 _IGNORED_CHECK_PREFIX = "bg_deployments_compat"
 _LEASE_MARGIN = 30  # seconds of lease beyond the longest wait
+_PRECONDITION_ATTEMPTS = 4
 
 # Release markers written into each machine's metadata: they also make every update a
 # real config change, so the machine gets a new version (fly-api.md 7).
@@ -178,7 +179,7 @@ class FlyTarget:
             version,
             "" if launch else ", without starting it",
         )
-        updated = self._client.update_machine(app, machine_id, request, nonce)
+        updated = self._update_with_retry(machine_id, request, nonce)
         if not launch:
             log.info(
                 "fly app %s: machine %s: updated; stays down until its next start", app, machine_id
@@ -207,6 +208,27 @@ class FlyTarget:
         self._client.refresh_lease(app, machine_id, nonce, ttl)
         self._wait_for_checks(machine_id)
         return "started, checks passing"
+
+    def _update_with_retry(self, machine_id: str, request: MachineRequest, nonce: str) -> Machine:
+        """The secrets store is eventually consistent: right after the secrets call an
+        update may be refused with 412 "min_secrets_version N is not yet available"
+        (fly-api.md 4.2, shape unconfirmed), so a 412 is retried a few times."""
+        app = self._config.app
+        for attempt in range(1, _PRECONDITION_ATTEMPTS + 1):
+            try:
+                return self._client.update_machine(app, machine_id, request, nonce)
+            except ApiError as exc:
+                if exc.status != 412 or attempt == _PRECONDITION_ATTEMPTS:
+                    raise
+                log.warning(
+                    "fly app %s: machine %s: update refused (%s); retrying in %ds",
+                    app,
+                    machine_id,
+                    exc.message,
+                    attempt,
+                )
+                self._sleep(float(attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _smoke_check(self, machine_id: str) -> None:
         """Fails when the machine crashes and restarts during the first seconds after it

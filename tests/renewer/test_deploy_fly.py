@@ -254,3 +254,17 @@ def test_secrets_call_failure_is_a_deploy_error(fleet: Fleet) -> None:
         fleet.target(SUBMISSION).deploy(_material(trustme.CA()))
     assert "secrets" in str(info.value)
     assert fleet.api.secrets_calls(SUBMISSION) == 0
+
+
+def test_a_412_right_after_the_secrets_call_is_retried(fleet: Fleet) -> None:
+    ids = _machines(fleet, 1)
+    fleet.api.inject_fault("POST", rf"/machines/{ids[0]}$", 412, times=1)
+    material = _material(trustme.CA())
+    assert fleet.target(SUBMISSION).deploy(material).status == "deployed"
+    statuses = [
+        e.status
+        for e in fleet.api.request_log
+        if e.path.endswith(f"/machines/{ids[0]}") and e.method == "POST"
+    ]
+    assert statuses == [412, 200]
+    assert fleet.served(SUBMISSION, 587) == {material.fingerprint_sha256}
