@@ -74,9 +74,12 @@ def assess_endpoint(
     missing = [d for d in domains if not covers(leaf, d)]
     if missing:
         reasons.append(f"does not cover {', '.join(missing)}")
+    # Check trust for a name the certificate does cover, so a missing name is reported
+    # once (above) rather than again as a chain failure.
+    covered = next((d for d in domains if d not in missing), None)
     try:
         verify_chain(
-            leaf, served.chain, roots, now=now, use_system_roots=use_system_roots, name=domains[0]
+            leaf, served.chain, roots, now=now, use_system_roots=use_system_roots, name=covered
         )
     except ChainError as exc:
         reasons.append(f"not trusted: {exc.args[0] if exc.args else exc}")

@@ -64,6 +64,8 @@ class CertificateReport:
     serial: str | None = None
     not_after: datetime | None = None
     fingerprint_sha256: str | None = None
+    # ARI CertID of the certificate this one replaces, when the CA accepted ``replaces``.
+    replaces: str | None = None
     targets: list[TargetResult] = field(default_factory=list)
     endpoints: list[EndpointReport] = field(default_factory=list)
     error_step: str | None = None
@@ -83,6 +85,7 @@ class CertificateReport:
             "serial": self.serial,
             "not_after": iso_utc(self.not_after),
             "fingerprint_sha256": self.fingerprint_sha256,
+            "replaces": self.replaces,
             "targets": [
                 {"type": t.type, "name": t.name, "status": t.status, "detail": t.detail}
                 for t in self.targets

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from cryptography import x509
@@ -58,21 +58,34 @@ class RunContext:
     app_locks: dict[str, threading.Lock] = field(default_factory=dict)
 
 
-ProbeResult = tuple[Endpoint, ServedCertificate | ProbeError]
+ProbeResult = tuple[Endpoint, list[ServedCertificate | ProbeError]]
+
+# A platform proxy spreads connections over an app's machines, so one connection shows
+# one machine. Two connections per endpoint catch a rollout that stopped half-way.
+PROBE_SAMPLES = 2
 
 
-def probe_all(endpoints: Sequence[Endpoint], sni: str, timeout: float) -> list[ProbeResult]:
-    """Probes endpoints in parallel; each result is a ServedCertificate or a ProbeError."""
+def probe_all(
+    endpoints: Sequence[Endpoint], sni: str, timeout: float, samples: int = PROBE_SAMPLES
+) -> list[ProbeResult]:
+    """Probes endpoints in parallel, ``samples`` connections each; each result is a
+    ServedCertificate or a ProbeError."""
 
     def one(endpoint: Endpoint) -> ProbeResult:
-        try:
-            return endpoint, probe_endpoint(endpoint, sni, timeout=timeout)
-        except ProbeError as exc:
-            return endpoint, exc
+        results: list[ServedCertificate | ProbeError] = []
+        for _ in range(samples):
+            try:
+                results.append(probe_endpoint(endpoint, sni, timeout=timeout))
+            except ProbeError as exc:
+                results.append(exc)
+                break  # an unreachable endpoint is not asked twice: it costs a timeout
+        return endpoint, results
 
     if not endpoints:
         return []
-    with ThreadPoolExecutor(max_workers=min(8, len(endpoints))) as pool:
+    with ThreadPoolExecutor(
+        max_workers=min(8, len(endpoints)), thread_name_prefix=threading.current_thread().name
+    ) as pool:
         return list(pool.map(one, endpoints))
 
 
@@ -80,38 +93,47 @@ def assess_certificate(ctx: RunContext, cert: CertificateConfig) -> list[Endpoin
     """Probes the certificate's endpoints and judges each, asking the CA's ARI when enabled."""
     now = ctx.now()
     probed = probe_all(cert.endpoints, cert.domains[0], ctx.options.probe_timeout)
-    windows = _ari_windows(ctx, [r for _, r in probed if isinstance(r, ServedCertificate)])
+    served = [r for _, results in probed for r in results if isinstance(r, ServedCertificate)]
+    windows = _ari_windows(ctx, served)
     states = []
-    for endpoint, result in probed:
-        if isinstance(result, ProbeError):
-            states.append(
+    for endpoint, results in probed:
+        samples = []
+        for result in results:
+            cert_served = result if isinstance(result, ServedCertificate) else None
+            samples.append(
                 assess_endpoint(
                     endpoint,
-                    None,
-                    str(result),
+                    cert_served,
+                    None if cert_served else str(result),
                     domains=cert.domains,
                     roots=ctx.roots,
                     use_system_roots=ctx.use_system_roots,
                     before_days=ctx.settings.config.renewal.before_days,
                     now=now,
+                    ari_window=(
+                        windows.get(fingerprint_sha256(cert_served.leaf)) if cert_served else None
+                    ),
                 )
             )
-            continue
-        assert isinstance(result, ServedCertificate)
-        states.append(
-            assess_endpoint(
-                endpoint,
-                result,
-                None,
-                domains=cert.domains,
-                roots=ctx.roots,
-                use_system_roots=ctx.use_system_roots,
-                before_days=ctx.settings.config.renewal.before_days,
-                now=now,
-                ari_window=windows.get(fingerprint_sha256(result.leaf)),
-            )
-        )
+        states.append(merge_samples(samples))
     return states
+
+
+def merge_samples(samples: Sequence[EndpointState]) -> EndpointState:
+    """One state per endpoint: the worst sample, plus a reason when samples disagree."""
+    worst = max(samples, key=lambda s: (s.served is None, len(s.renew_reasons)))
+    prints = {fingerprint_sha256(s.served.leaf) for s in samples if s.served is not None}
+    if len(prints) < 2:
+        return worst
+    reason = (
+        f"serves {len(prints)} different certificates on successive connections "
+        "(machines disagree: a rollout did not finish?)"
+    )
+    return replace(
+        worst,
+        problems=(*worst.problems, reason),
+        renew_reasons=(*worst.renew_reasons, reason),
+    )
 
 
 def _ari_windows(ctx: RunContext, served: Sequence[ServedCertificate]) -> dict[str, AriWindow]:
@@ -121,7 +143,8 @@ def _ari_windows(ctx: RunContext, served: Sequence[ServedCertificate]) -> dict[s
     for item in served:
         leaf = item.leaf
         key = fingerprint_sha256(leaf)
-        if key in windows:
+        # A self-signed placeholder has no CA to ask; it is renewed on other grounds.
+        if key in windows or leaf.issuer == leaf.subject:
             continue
         window = ctx.services.renewal_window(leaf, ctx.now())
         if window is not None:
@@ -231,6 +254,7 @@ def renew_certificate(ctx: RunContext, cert: CertificateConfig) -> CertificateRe
         started = time.monotonic()
         issued = ctx.services.issue(cert, decision.replaces, dry_run=ctx.options.dry_run)
         report.timings["issue"] = time.monotonic() - started
+        report.replaces = issued.replaced
         report.timings.update({f"issue.{k}": v for k, v in issued.timings.items()})
 
         step = "validate"

@@ -42,6 +42,7 @@ class Services:
         self.cwd = cwd
         self._now = now
         self._lock = threading.Lock()
+        self._account_lock = threading.Lock()
         self._local = threading.local()
         self._account_key: AccountKey | None = None
         self._dns: DnsProvider | None = None
@@ -96,12 +97,14 @@ class Services:
         clients: dict[str, AcmeClient] = getattr(self._local, "clients", {})
         self._local.clients = clients
         if url not in clients:
-            clients[url] = open_account(
-                url,
-                self.account_key(),
-                self.settings.config.acme.email,
-                self._ca_bundle(),
-            )
+            # Serialised: two threads finding no account would both register one.
+            with self._account_lock:
+                clients[url] = open_account(
+                    url,
+                    self.account_key(),
+                    self.settings.config.acme.email,
+                    self._ca_bundle(),
+                )
         return clients[url]
 
     def renewal_window(self, leaf: x509.Certificate, now: datetime) -> AriWindow | None:

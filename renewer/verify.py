@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,7 @@ def _verify_one(
     *,
     timeout: float,
     probe_timeout: float,
+    confirmations: int,
     clock: Callable[[], float],
     sleep: Callable[[float], None],
 ) -> VerifyResult:
@@ -47,17 +49,22 @@ def _verify_one(
     interval = 0.1
     last: ServedCertificate | None = None
     detail = "not probed"
+    matched = 0
     while True:
         try:
             last = probe_endpoint(
                 endpoint, sni, timeout=min(probe_timeout, max(1.0, deadline - clock()))
             )
             if fingerprint_sha256(last.leaf) == fingerprint:
-                return VerifyResult(
-                    endpoint, last, True, "serves the new certificate", clock() - start
-                )
+                matched += 1
+                if matched >= confirmations:
+                    detail = "serves the new certificate"
+                    return VerifyResult(endpoint, last, True, detail, clock() - start)
+                continue  # a new connection may reach another machine behind the proxy
+            matched = 0
             detail = f"still serves {fingerprint_sha256(last.leaf)[:16]}..."
         except ProbeError as exc:
+            matched = 0
             detail = str(exc)
         if clock() + interval > deadline:
             return VerifyResult(endpoint, last, False, detail, clock() - start)
@@ -73,6 +80,7 @@ def verify_endpoints(
     *,
     timeout: float,
     probe_timeout: float = 10.0,
+    confirmations: int = 3,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[VerifyResult]:
@@ -80,7 +88,9 @@ def verify_endpoints(
     listing the endpoints that did not within ``timeout`` seconds."""
     if not endpoints:
         return []
-    with ThreadPoolExecutor(max_workers=min(8, len(endpoints))) as pool:
+    with ThreadPoolExecutor(
+        max_workers=min(8, len(endpoints)), thread_name_prefix=threading.current_thread().name
+    ) as pool:
         results = list(
             pool.map(
                 lambda ep: _verify_one(
@@ -89,6 +99,7 @@ def verify_endpoints(
                     fingerprint,
                     timeout=timeout,
                     probe_timeout=probe_timeout,
+                    confirmations=confirmations,
                     clock=clock,
                     sleep=sleep,
                 ),
