@@ -107,6 +107,7 @@ def test_appends_missing_variables_unquoted(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.integration
 def test_identical_content_is_skipped_without_reload(tmp_path: Path) -> None:
     marker = tmp_path / "reloaded"
     target = _target(tmp_path, reload_command=("touch", str(marker)))
@@ -151,6 +152,7 @@ def test_missing_folder_is_a_deploy_error(tmp_path: Path) -> None:
 # --------------------------------------------------------------------- reload
 
 
+@pytest.mark.integration
 def test_reload_command_runs_after_the_write(tmp_path: Path) -> None:
     copy = tmp_path / "seen-by-reload.env"
     # The reload sees the new file: it copies it (argument list, no shell in the product).
@@ -162,6 +164,7 @@ def test_reload_command_runs_after_the_write(tmp_path: Path) -> None:
     assert copy.read_text() == (tmp_path / "smtp.env").read_text()
 
 
+@pytest.mark.integration
 def test_failing_reload_names_the_exit_code(tmp_path: Path) -> None:
     command = ("sh", "-c", "echo 'smtp: reload refused' >&2; exit 3")
     with pytest.raises(DeployError) as caught:
@@ -180,6 +183,7 @@ def test_missing_reload_command_is_a_deploy_error(tmp_path: Path) -> None:
         _target(tmp_path, reload_command=("no-such-reload-tool", "--now")).deploy(MATERIAL)
 
 
+@pytest.mark.integration
 def test_reload_arguments_are_not_interpreted_by_a_shell(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     _target(tmp_path, reload_command=("echo", f"; touch {marker}", f"$(touch {marker})")).deploy(
