@@ -62,7 +62,16 @@ def _setup_logging(quiet: bool) -> None:
 
 def _write_json(path: str | None, data: object) -> None:
     if path:
-        Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        try:
+            Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            sys.stderr.write(f"renewer: cannot write --report-json {path}: {exc.strerror}\n")
+
+
+def _check_report_path(path: str | None) -> None:
+    """Fails at the start, not after the work, when the report cannot be written."""
+    if path and not Path(path).resolve().parent.is_dir():
+        raise ConfigError("--report-json", f"the folder of {path!r} does not exist")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from renewer.cli import run_check, run_renewal  # noqa: PLC0415
 
     try:
+        _check_report_path(args.report_json)
         if args.command == "check":
             return run_check(args.config, env, args.report_json)
         return run_renewal(

@@ -36,6 +36,8 @@ def run_renewal(
     cwd = cwd or Path.cwd()
     settings = load_settings(config_path, env, cwd)
     with Services(settings, cwd) as services:
+        # A bad ACME_ACCOUNT_KEY is a configuration error: find it before any network call.
+        services.account_key()
         report = run(settings, RunOptions(force=force, dry_run=dry_run), services)
         deliver_report(report, services)
     _write_json(report_json, report.to_json())

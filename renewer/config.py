@@ -8,6 +8,7 @@ the secrets from the environment. Every error is a ``ConfigError`` naming the fi
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import re
@@ -274,8 +275,12 @@ def _is_loopback(host: str) -> bool:
 
 def _api_url(value: str | None, where: str) -> str:
     assert value is not None
-    parts = urlsplit(value)
-    host = parts.hostname or ""
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname or ""
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        raise ConfigError(where, f"expected an https:// URL, got {value!r}") from None
     if parts.scheme == "https" and host:
         return value.rstrip("/")
     if parts.scheme == "http" and _is_loopback(host):
@@ -333,16 +338,26 @@ def _host_port(value: object, where: str, default_port: int) -> tuple[str, int]:
         port = int(port_text) if port_text else default_port
     except ValueError:
         raise ConfigError(where, f"expected host:port, got {text!r}") from None
-    if not 0 < port < 65536 or not host or " " in host:
-        raise ConfigError(where, f"expected host:port, got {text!r}")
+    if not 0 < port < 65536 or not _valid_host(host):
+        raise ConfigError(where, f"expected host:port (an IP address or a host name), got {text!r}")
     return host, port
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.lower().rstrip(".").split(".")
+    return bool(host) and len(host) <= 253 and all(_LABEL.match(label) for label in labels)
 
 
 # --------------------------------------------------------------------------- sections
 
 
 def _parse_acme(data: object) -> AcmeSettings:
-    r = _Reader(data or {}, "acme")
+    r = _Reader({} if data is None else data, "acme")
     directory = _api_url(r.text("directory", LETS_ENCRYPT), r.path("directory"))
     staging = r.text("staging_directory")
     email = r.text("email")
@@ -367,7 +382,7 @@ def _parse_acme(data: object) -> AcmeSettings:
 
 
 def _parse_dns(data: object) -> DnsSettings:
-    r = _Reader(data or {}, "dns")
+    r = _Reader({} if data is None else data, "dns")
     provider = r.text("provider", "cloudflare")
     if provider not in ("cloudflare", "rfc2136"):
         raise ConfigError(
@@ -410,8 +425,10 @@ def _parse_dns(data: object) -> DnsSettings:
             tsig_name=tsig_name,
             tsig_algorithm=tsig_algorithm.lower(),
         )
-    elif server is not None or tsig_name is not None:
+    elif server is not None:
         raise ConfigError(r.path("server"), "is only used when provider is 'rfc2136'")
+    elif tsig_name is not None:
+        raise ConfigError(r.path("tsig_name"), "is only used when provider is 'rfc2136'")
     r.finish()
     return DnsSettings(
         provider=cast(Literal["cloudflare", "rfc2136"], provider),
@@ -424,7 +441,7 @@ def _parse_dns(data: object) -> DnsSettings:
 
 
 def _parse_renewal(data: object) -> RenewalPolicy:
-    r = _Reader(data or {}, "renewal")
+    r = _Reader({} if data is None else data, "renewal")
     policy = RenewalPolicy(
         before_days=r.integer("before_days", 30, 1, 365),
         ari=r.boolean("ari", True),
@@ -570,10 +587,11 @@ def _parse_notify(data: object) -> NotifyConfig | None:
         raise ConfigError(r.path("to"), "expected an email address or a list of them")
     to: list[str] = []
     for i, addr in enumerate(to_list):
-        text = _text(addr, f"{r.path('to')}[{i}]" if isinstance(to_raw, list) else r.path("to"))
+        where = f"{r.path('to')}[{i}]" if isinstance(to_raw, list) else r.path("to")
+        text = _text(addr, where)
         for part in (p.strip() for p in text.split(",")):
             if not _EMAIL.match(part):
-                raise ConfigError(r.path("to"), f"expected email addresses, got {part!r}")
+                raise ConfigError(where, f"expected email addresses, got {part!r}")
             to.append(part)
     if len(to) > 50:
         raise ConfigError(r.path("to"), "MailPace accepts at most 50 recipients")
@@ -619,6 +637,9 @@ def load_secrets(config: RenewerConfig, env: Mapping[str, str]) -> Secrets:
 
     def get(name: str) -> Secret | None:
         value = env.get(name, "").strip()
+        if name != "ACME_ACCOUNT_KEY" and any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            # A token with a newline would break the HTTP header; say so now, not mid-run.
+            raise ConfigError(name, "must be one line without control characters (newlines)")
         return Secret(value) if value else None
 
     secrets = Secrets(
@@ -633,6 +654,13 @@ def load_secrets(config: RenewerConfig, env: Mapping[str, str]) -> Secrets:
     rfc = config.dns.rfc2136
     if rfc is not None and rfc.tsig_name and secrets.rfc2136_tsig_secret is None:
         raise ConfigError("RFC2136_TSIG_SECRET", "is required when dns.tsig_name is set")
+    if secrets.rfc2136_tsig_secret is not None:
+        try:
+            base64.b64decode(secrets.rfc2136_tsig_secret.reveal(), validate=True)
+        except ValueError:
+            raise ConfigError(
+                "RFC2136_TSIG_SECRET", "expected the base64 secret as BIND prints it"
+            ) from None
     if config.fly_apps and secrets.fly_api_token is None:
         raise ConfigError("FLY_API_TOKEN", "is required when a certificate has a 'fly' target")
     if config.notify is not None and secrets.mailpace_token is None:
@@ -648,6 +676,8 @@ def read_config_source(config_path: str | None, env: Mapping[str, str]) -> objec
             text = Path(config_path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError("--config", f"cannot read {config_path!r}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError("--config", f"{config_path!r} is not UTF-8 text") from None
     elif env.get("RENEWER_CONFIG", "").strip():
         where = "RENEWER_CONFIG"
         text = env["RENEWER_CONFIG"]
@@ -656,11 +686,33 @@ def read_config_source(config_path: str | None, env: Mapping[str, str]) -> objec
     if len(text) > 1_000_000:
         raise ConfigError(where, "is larger than 1 MB; expected a small JSON document")
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise ConfigError(
             where, f"is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
         ) from None
+    except _DuplicateKeyError as exc:
+        raise ConfigError(f"{where}: {exc.key}", "is given twice; keep one") from None
+    except RecursionError:
+        raise ConfigError(where, "is nested too deeply to be a renewer config") from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise ConfigError(where, f"is not a usable JSON document ({exc})") from None
+
+
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json's default keeps the last of two equal keys; a repeated section is a mistake."""
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKeyError(key)
+        result[key] = value
+    return result
 
 
 def check_local_paths(config: RenewerConfig, cwd: Path) -> None:

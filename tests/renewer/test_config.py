@@ -798,11 +798,6 @@ def test_base_of_the_bad_cases_is_valid() -> None:
 # --------------------------------------------------------------------- bugs found
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: config.py _parse_acme/_parse_dns/_parse_renewal use `data or {}`, so a "
-    "falsy non-object section ([], 0, '', false) is accepted as the defaults",
-)
 @pytest.mark.parametrize("section", ["acme", "dns", "renewal"])
 @pytest.mark.parametrize("value", [[], "", 0, False])
 def test_falsy_section_that_is_not_an_object_is_rejected(section: str, value: object) -> None:
@@ -811,55 +806,30 @@ def test_falsy_section_that_is_not_an_object_is_rejected(section: str, value: ob
     assert caught.value.field == section
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: config.py _api_url calls urlsplit() outside any try; 'https://[::1' "
-    "raises ValueError (Invalid IPv6 URL) instead of ConfigError",
-)
 def test_api_url_with_broken_ipv6_host_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(_patched(_set(("dns", "api_base_url"), "https://[::1")))
     assert caught.value.field == "dns.api_base_url"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: config.py _api_url never reads the port, so http://127.0.0.1:99999 passes "
-    "and fails later inside requests",
-)
 def test_api_url_with_port_out_of_range_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(_patched(_set(("dns", "api_base_url"), "http://127.0.0.1:99999/v4")))
     assert caught.value.field == "dns.api_base_url"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: config.py _host_port only rejects spaces in the host, so a nameserver "
-    "'$(reboot):53' passes (it should be an address or a host name)",
-)
 def test_nameserver_host_with_shell_metacharacters_is_rejected() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(_patched(_set(("dns", "nameservers"), ["$(reboot):53"])))
     assert caught.value.field == "dns.nameservers[0]"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: config.py _parse_dns names dns.server when only dns.tsig_name is set with "
-    "the cloudflare provider; the field at fault is dns.tsig_name",
-)
 def test_tsig_name_with_cloudflare_names_tsig_name() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(_patched(_set(("dns", "tsig_name"), "renewer-key")))
     assert caught.value.field == "dns.tsig_name"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: config.py _parse_notify names notify.to, not notify.to[1], for a bad "
-    "address in a list (a non-string element does get its index)",
-)
 def test_bad_recipient_in_a_list_names_its_index() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(_patched(_set(("notify",), {**NOTIFY, "to": ["ops@example.com", "x"]})))
@@ -1186,11 +1156,6 @@ def test_unreadable_config_file(tmp_path: Path) -> None:
     assert "directory" in caught.value.expected.lower()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: config.py read_config_source catches only JSONDecodeError; json.loads "
-    "raises RecursionError (deep nesting) or ValueError (integer over 4300 digits)",
-)
 @pytest.mark.parametrize(
     "text",
     [
@@ -1204,11 +1169,6 @@ def test_pathological_json_is_a_config_error(text: str) -> None:
     assert caught.value.field == "RENEWER_CONFIG"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: config.py read_config_source reads with encoding='utf-8' but catches only "
-    "OSError; a non-UTF-8 file raises UnicodeDecodeError",
-)
 def test_non_utf8_config_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "config.json"
     path.write_bytes(b'\xff\xfe{"certificates": []}')
@@ -1217,11 +1177,6 @@ def test_non_utf8_config_file_is_a_config_error(tmp_path: Path) -> None:
     assert caught.value.field == "--config"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: read_config_source uses json.loads, which keeps the last of duplicate keys, "
-    "so a repeated section silently replaces the first (DESIGN: a typo never passes silently)",
-)
 def test_duplicate_json_keys_are_rejected() -> None:
     text = '{"certificates": [], "certificates": [{"name": "a", "domains": ["a.example.com"]}]}'
     with pytest.raises(ConfigError) as caught:
@@ -1300,12 +1255,6 @@ def test_load_settings_checks_everything(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "smtp.env"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: config.load_secrets only strips values; a token with a newline (it would "
-    "break the HTTP header) or a TSIG secret that is not base64 passes, and fails later, "
-    "after network calls, as a step error (exit 1) instead of exit 2",
-)
 @pytest.mark.parametrize(
     ("patch", "variable", "value"),
     [
