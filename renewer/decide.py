@@ -30,7 +30,7 @@ class AriWindow:
 
 @dataclass(frozen=True)
 class EndpointState:
-    endpoint: Endpoint
+    endpoint: Endpoint | str
     served: ServedCertificate | None
     error: str | None = None
     problems: tuple[str, ...] = ()
@@ -55,7 +55,7 @@ class RenewalDecision:
 
 
 def assess_endpoint(
-    endpoint: Endpoint,
+    endpoint: Endpoint | str,
     served: ServedCertificate | None,
     error: str | None,
     *,
@@ -121,8 +121,12 @@ def decide_renewal(
                 f"{len(unreachable)} unreachable (reported, not renewed for)"
             )
         return RenewalDecision(False, reason, states, None)
+    errors = "; ".join(s.error for s in states if s.error)
     return RenewalDecision(
-        True, "no endpoint could be reached and none shows a good certificate", states, None
+        True,
+        f"no endpoint could be reached and none shows a good certificate ({errors})",
+        states,
+        None,
     )
 
 

@@ -111,7 +111,8 @@ def _valid_host(host: str) -> bool:
 class ServedCertificate:
     """What an endpoint presented: the leaf and the rest of the chain, as sent."""
 
-    endpoint: Endpoint
+    # An endpoint, or a label such as "dotenv smtp.env" for a certificate read from a file.
+    endpoint: Endpoint | str
     leaf: x509.Certificate
     chain: tuple[x509.Certificate, ...]
 

@@ -6,6 +6,7 @@ marks it failed and the others carry on. Deployments to one Fly app never overla
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
@@ -13,6 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 from cryptography import x509
 
@@ -21,14 +23,21 @@ from renewer.certs import (
     dns_names,
     fingerprint_sha256,
     issuer_text,
+    load_pem_chain,
     load_roots,
     not_after,
     serial_hex,
 )
 from renewer.config import CertificateConfig, DotenvTargetConfig, Settings
 from renewer.decide import AriWindow, EndpointState, assess_endpoint, decide_renewal
-from renewer.deploy_dotenv import DotenvTarget
-from renewer.errors import DeployError, ProbeError, RenewerError, StepError
+from renewer.deploy_dotenv import DotenvTarget, read_dotenv_values
+from renewer.errors import (
+    CertificateInvalidError,
+    DeployError,
+    ProbeError,
+    RenewerError,
+    StepError,
+)
 from renewer.probe import Endpoint, ServedCertificate, probe_endpoint
 from renewer.report import CertificateReport, EndpointReport, RunReport
 from renewer.services import Services
@@ -58,7 +67,7 @@ class RunContext:
     app_locks: dict[str, threading.Lock] = field(default_factory=dict)
 
 
-ProbeResult = tuple[Endpoint, list[ServedCertificate | ProbeError]]
+ProbeResult = tuple[Endpoint | str, list[ServedCertificate | ProbeError]]
 
 # A platform proxy spreads connections over an app's machines, so one connection shows
 # one machine. Two connections per endpoint catch a rollout that stopped half-way.
@@ -93,6 +102,8 @@ def assess_certificate(ctx: RunContext, cert: CertificateConfig) -> list[Endpoin
     """Probes the certificate's endpoints and judges each, asking the CA's ARI when enabled."""
     now = ctx.now()
     probed = probe_all(cert.endpoints, cert.domains[0], ctx.options.probe_timeout)
+    if not cert.endpoints:
+        probed = deployed_in_files(cert, ctx.services.cwd)
     served = [r for _, results in probed for r in results if isinstance(r, ServedCertificate)]
     windows = _ari_windows(ctx, served)
     states = []
@@ -117,6 +128,26 @@ def assess_certificate(ctx: RunContext, cert: CertificateConfig) -> list[Endpoin
             )
         states.append(merge_samples(samples))
     return states
+
+
+def deployed_in_files(cert: CertificateConfig, cwd: Path) -> list[ProbeResult]:
+    """Without endpoints, what the dotenv targets hold stands for what is live."""
+    results: list[ProbeResult] = []
+    for target in cert.targets:
+        if not isinstance(target, DotenvTargetConfig):
+            continue
+        label = f"dotenv {target.path}"
+        value = read_dotenv_values(cwd / target.path).get(target.chain_var)
+        if not value:
+            results.append((label, [ProbeError(f"{label}: holds no {target.chain_var} yet")]))
+            continue
+        try:
+            chain = load_pem_chain(base64.b64decode(value, validate=True))
+        except (ValueError, CertificateInvalidError):
+            results.append((label, [ProbeError(f"{label}: {target.chain_var} is not a PEM chain")]))
+            continue
+        results.append((label, [ServedCertificate(label, chain[0], tuple(chain[1:]))]))
+    return results
 
 
 def merge_samples(samples: Sequence[EndpointState]) -> EndpointState:
@@ -241,7 +272,7 @@ def renew_certificate(ctx: RunContext, cert: CertificateConfig) -> CertificateRe
         decision = decide_renewal(
             states,
             force=ctx.options.force,
-            fallback="no endpoints are configured, so nothing live can be checked",
+            fallback="no endpoints and no dotenv target to check, so it is renewed every run",
         )
         report.reason = decision.reason
         report.timings["decide"] = time.monotonic() - started

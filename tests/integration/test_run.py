@@ -305,3 +305,29 @@ def test_cli_run_and_check_exit_codes(world: LocalWorld) -> None:
 def _orders(world: LocalWorld) -> int:
     """Orders Pebble created, counted from its log (one line per new order)."""
     return world.pebble.log_path.read_text(errors="replace").count("Added order")
+
+
+def test_without_endpoints_the_dotenv_file_shows_what_is_deployed(tmp_path: Path) -> None:
+    options = WorldOptions(with_fly=False, with_notify=False)
+    with LocalWorld(tmp_path / "world", options) as world:
+        config = world.config()
+        config["certificates"][0]["endpoints"] = []
+
+        code, first = renew(world, config=config)
+        assert code == 0
+        assert by_name(first)["relay"]["action"] == "renewed"
+        assert "holds no FULLCHAIN" in by_name(first)["relay"]["reason"]
+
+        code, second = renew(world, config=config)
+        assert code == 0
+        relay = by_name(second)["relay"]
+        assert relay["action"] == "skipped", relay["reason"]
+        assert relay["endpoints"][0]["endpoint"] == "dotenv relay.env"
+        assert relay["endpoints"][0]["serial"] == by_name(first)["relay"]["serial"]
+
+        # Negative control: a file holding garbage is due again.
+        env_file = world.workdir / "relay.env"
+        env_file.write_text("FULLCHAIN=bm90IGEgY2VydGlmaWNhdGU=\n")
+        code, third = renew(world, config=config)
+        assert by_name(third)["relay"]["action"] == "renewed"
+        assert "not a PEM chain" in by_name(third)["relay"]["reason"]
