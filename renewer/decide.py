@@ -97,13 +97,20 @@ def assess_endpoint(
 
 
 def decide_renewal(
-    states: Sequence[EndpointState], *, force: bool, fallback: str | None = None
+    states: Sequence[EndpointState],
+    *,
+    force: bool,
+    fallback: str | None = None,
+    target_problems: Sequence[str] = (),
 ) -> RenewalDecision:
-    """Turns endpoint states into one decision. ``fallback`` explains a config with no endpoints."""
+    """Turns endpoint states into one decision. ``fallback`` explains a config with no
+    endpoints; ``target_problems`` are targets that say a rollout did not finish."""
     states = tuple(states)
     replaces = _certificate_to_replace(states)
     if force:
         return RenewalDecision(True, "forced with --force", states, replaces)
+    if target_problems:
+        return RenewalDecision(True, "; ".join(target_problems), states, replaces)
     if not states:
         return RenewalDecision(True, fallback or "no endpoint to check", states, None)
     bad = [s for s in states if s.served is not None and s.renew_reasons]

@@ -76,6 +76,10 @@ class DotenvTarget:
     def name(self) -> str:
         return str(self.config.path)
 
+    def rollout_problem(self) -> str | None:
+        """A file is written whole: it cannot be half-deployed."""
+        return None
+
     def deploy(self, material: DeployMaterial) -> TargetResult:
         updates = {
             self.config.key_var: material.key_b64.reveal(),

@@ -85,6 +85,32 @@ class FlyTarget:
         with self._app_lock:
             return self._deploy(material)
 
+    def rollout_problem(self) -> str | None:
+        """Why the app needs a rollout although its endpoints may look fine: its machines
+        carry different release markers, so an earlier rollout stopped half-way (and a
+        proxy may show a probe only the machines already updated)."""
+        try:
+            machines = [
+                m
+                for m in self._client.list_machines(self._config.app)
+                if m.state not in _GONE_STATES
+            ]
+        except ApiError as exc:
+            log.warning(
+                "fly app %s: cannot list machines to check the last rollout: %s", self.name, exc
+            )
+            return None
+        markers = {
+            str((m.config.get("metadata") or {}).get(MARKER_FINGERPRINT, "")) for m in machines
+        }
+        if len(markers) < 2:
+            return None
+        shown = ", ".join(sorted(f"{m[:12]}..." if m else "none" for m in markers))
+        return (
+            f"fly app {self.name}: machines carry different certificates ({shown}): "
+            "the last rollout did not finish"
+        )
+
     def _fail(self, reason: str, machine_id: str | None = None) -> DeployError:
         where = f"fly app {self._config.app}"
         if machine_id is not None:

@@ -269,9 +269,11 @@ def renew_certificate(ctx: RunContext, cert: CertificateConfig) -> CertificateRe
         started = time.monotonic()
         states = assess_certificate(ctx, cert)
         report.endpoints = endpoint_reports(states, ctx.now())
+        problems = [p for t in build_targets(ctx, cert) if (p := t.rollout_problem())]
         decision = decide_renewal(
             states,
             force=ctx.options.force,
+            target_problems=problems,
             fallback="no endpoints and no dotenv target to check, so it is renewed every run",
         )
         report.reason = decision.reason
