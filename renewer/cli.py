@@ -40,7 +40,7 @@ def run_renewal(
         services.account_key()
         report = run(settings, RunOptions(force=force, dry_run=dry_run), services)
         deliver_report(report, services)
-    _write_json(report_json, report.to_json())
+    _write_json(str(cwd / report_json) if report_json else None, report.to_json())
     return 1 if report.status == "failed" else 0
 
 
