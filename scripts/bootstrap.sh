@@ -18,9 +18,11 @@ stamp=.venv/.installed-$(cat requirements.lock requirements-dev.lock pyproject.t
 if [ ! -f "$stamp" ]; then
   echo "bootstrap: creating .venv with the pinned packages"
   [ -x .venv/bin/python ] || "$python" -m venv .venv
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.lock
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . \
-    || .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+  # (pip warns about package folders this machine's pip config lists but lacks: noise.)
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.lock \
+    2> >(grep -v '^WARNING: Location' >&2)
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e . \
+    2> >(grep -v '^WARNING: Location' >&2)
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
