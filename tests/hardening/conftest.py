@@ -17,12 +17,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from emulators.world import LocalWorld, WorldOptions
+from emulators.world import SUBMISSION_APP, LocalWorld, WorldOptions
+from renewer.certs import fingerprint_sha256, load_roots, verify_chain
+from renewer.probe import Endpoint, ServedCertificate, probe_endpoint
 from tests.hardening.leakscan import Needles, needles_for_world, scan
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -219,3 +222,56 @@ def print_figures(title: str, **figures: object) -> None:
         f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()
     )
     sys.stdout.write(f"\n[hardening] {title}: {shown}\n")
+
+
+def fly_submission_config(world: LocalWorld, wait_timeout: float = 3.0) -> Path:
+    """The world's config with only the submission certificate (two machines behind one
+    front per port), so the decision sees each machine once and a machine left behind
+    shows up; ``wait_timeout`` short so a stuck machine fails fast."""
+    config = world.config()
+    config["certificates"] = [c for c in config["certificates"] if c["name"] == "submission"]
+    config["certificates"][0]["targets"][0]["wait_timeout"] = wait_timeout
+    path = world.workdir / "renewer.json"
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return path
+
+
+def machines_serving(world: LocalWorld) -> dict[str, ServedCertificate | None]:
+    """What each submission machine serves on its own host port (None: not running)."""
+    assert world.fly is not None
+    served: dict[str, ServedCertificate | None] = {}
+    for machine_id in world.fly.machine_ids(SUBMISSION_APP):
+        view = world.fly.machine(SUBMISSION_APP, machine_id)
+        port = view.host_ports.get(587)
+        if port is None or view.state != "started":
+            served[machine_id] = None
+            continue
+        endpoint = Endpoint.parse(f"127.0.0.1:{port}/starttls")
+        served[machine_id] = probe_endpoint(endpoint, "smtp.example.test", timeout=5)
+    return served
+
+
+def fingerprints_served(world: LocalWorld) -> set[str | None]:
+    return {
+        None if s is None else fingerprint_sha256(s.leaf) for s in machines_serving(world).values()
+    }
+
+
+def assert_every_machine_serves_a_valid_certificate(world: LocalWorld) -> set[str]:
+    """Each machine is up and serves a certificate that verifies to the test CA for every
+    configured name, now; returns the fingerprints seen."""
+    roots = load_roots(world.pebble.ca_bundle)
+    seen = set()
+    for machine_id, served in machines_serving(world).items():
+        assert served is not None, f"machine {machine_id} serves nothing"
+        for name in ("smtp.example.test", "submission.example.test"):
+            verify_chain(
+                served.leaf,
+                served.chain,
+                roots,
+                now=datetime.now(UTC),
+                use_system_roots=False,
+                name=name,
+            )
+        seen.add(fingerprint_sha256(served.leaf))
+    return seen

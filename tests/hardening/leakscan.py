@@ -86,10 +86,8 @@ def _windows(value: str) -> Iterable[str]:
 
 
 def _excerpt(text: str, start: int, length: int) -> str:
-    """Context around a hit, with the secret itself masked."""
-    before = text[max(0, start - 40) : start]
-    after = text[start + length : start + length + 40]
-    return (before + "<SECRET>" + after).replace("\n", "\\n")
+    """The context before a hit; nothing from the hit on (the rest of the secret)."""
+    return (text[max(0, start - 50) : start] + "<SECRET>").replace("\n", "\\n")
 
 
 def scan(texts: Sequence[tuple[str, str]], needles: Sequence[Needles]) -> list[Finding]:

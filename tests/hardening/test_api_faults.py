@@ -9,20 +9,22 @@ what failed, with nothing half-done that the next run cannot finish. The retries
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
 from emulators.world import SUBMISSION_APP, ZONE_ID, LocalWorld
-from renewer.certs import fingerprint_sha256
 from renewer.dns_cloudflare import CloudflareDns, cloudflare_session
-from renewer.probe import Endpoint, probe_endpoint
 from renewer.sensitive import Secret
-from tests.hardening.conftest import CliResult, Runs, print_figures
+from tests.hardening.conftest import (
+    CliResult,
+    Runs,
+    fingerprints_served,
+    fly_submission_config,
+    print_figures,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -146,34 +148,6 @@ def test_existing_records_ours_are_cleaned_foreign_ones_kept(runs: Runs) -> None
 # -- Fly -------------------------------------------------------------------------------
 
 
-def _fly_config(world: LocalWorld, wait_timeout: float = 3.0) -> Path:
-    """Only the submission certificate (two machines behind one front per port), so the
-    decision sees each machine once and a machine left behind shows up."""
-    config = world.config()
-    config["certificates"] = [c for c in config["certificates"] if c["name"] == "submission"]
-    config["certificates"][0]["targets"][0]["wait_timeout"] = wait_timeout
-    path = world.workdir / "renewer.json"
-    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
-    return path
-
-
-def _machines_serving(world: LocalWorld) -> dict[str, str | None]:
-    """Each submission machine's served leaf fingerprint, probed on its own host port."""
-    assert world.fly is not None
-    served: dict[str, str | None] = {}
-    for machine_id in world.fly.machine_ids(SUBMISSION_APP):
-        view = world.fly.machine(SUBMISSION_APP, machine_id)
-        port = view.host_ports.get(587)
-        if port is None or view.state != "started":
-            served[machine_id] = None
-            continue
-        leaf = probe_endpoint(
-            Endpoint.parse(f"127.0.0.1:{port}/starttls"), "smtp.example.test", timeout=5
-        ).leaf
-        served[machine_id] = fingerprint_sha256(leaf)
-    return served
-
-
 def _fly_faults(world: LocalWorld) -> list[tuple[str, str, int]]:
     assert world.fly is not None
     return [(r.method, r.path, r.status) for r in world.fly.request_log if r.status >= 429]
@@ -182,7 +156,7 @@ def _fly_faults(world: LocalWorld) -> list[tuple[str, str, int]]:
 def test_fly_429_and_5xx_on_every_kind_of_call_are_retried(runs: Runs) -> None:
     world = runs.world(with_dotenv=False)
     assert world.fly is not None
-    _fly_config(world, wait_timeout=10)
+    fly_submission_config(world, wait_timeout=10)
     app = rf"/apps/{SUBMISSION_APP}"
     world.fly.inject_fault("POST", app + r"/secrets$", 429, retry_after=1)
     world.fly.inject_fault("GET", app + r"/machines$", 503)
@@ -198,7 +172,7 @@ def test_fly_429_and_5xx_on_every_kind_of_call_are_retried(runs: Runs) -> None:
     assert world.fly.secrets_calls(SUBMISSION_APP) == 1
     assert world.fly.overlapping_updates(SUBMISSION_APP) == []
     fingerprint = result.cert("submission")["fingerprint_sha256"]
-    assert set(_machines_serving(world).values()) == {fingerprint}
+    assert fingerprints_served(world) == {fingerprint}
     print_figures(
         "Fly 429/5xx once on 7 kinds of call", retries=len(faults), seconds=result.seconds
     )
@@ -207,7 +181,7 @@ def test_fly_429_and_5xx_on_every_kind_of_call_are_retried(runs: Runs) -> None:
 def test_fly_persistent_5xx_on_secrets_fails_before_any_machine(runs: Runs) -> None:
     world = runs.world(with_dotenv=False)
     assert world.fly is not None
-    _fly_config(world)
+    fly_submission_config(world)
     world.fly.inject_fault("POST", rf"/apps/{SUBMISSION_APP}/secrets$", 503, times=5)
     failed = runs.run(world)
     assert failed.code == 1, failed.output[-4000:]
@@ -224,7 +198,7 @@ def test_fly_persistent_5xx_on_secrets_fails_before_any_machine(runs: Runs) -> N
     again = runs.run(world)
     assert again.code == 0, again.output[-4000:]
     fingerprint = again.cert("submission")["fingerprint_sha256"]
-    assert set(_machines_serving(world).values()) == {fingerprint}
+    assert fingerprints_served(world) == {fingerprint}
 
 
 def _take_lease(world: LocalWorld, machine_id: str) -> str:
@@ -255,7 +229,7 @@ def test_fly_machine_failure_mid_rollout(runs: Runs, fault: str) -> None:
     the report names the machine; after the fault clears, the next run finishes."""
     world = runs.world(with_dotenv=False)
     assert world.fly is not None
-    _fly_config(world)
+    fly_submission_config(world)
     first_id, second_id = world.fly.machine_ids(SUBMISSION_APP)
     # The rollout goes in id order: break the first machine, watch the second.
     second_before = world.fly.machine(SUBMISSION_APP, second_id).instance_id
@@ -303,7 +277,7 @@ def test_fly_machine_failure_mid_rollout(runs: Runs, fault: str) -> None:
     assert again.code == 0, again.output[-4000:]
     assert again.cert("submission")["action"] == "renewed", again.output[-3000:]
     fingerprint = again.cert("submission")["fingerprint_sha256"]
-    assert set(_machines_serving(world).values()) == {fingerprint}
+    assert fingerprints_served(world) == {fingerprint}
     assert world.fly.overlapping_updates(SUBMISSION_APP) == []
 
 
