@@ -186,14 +186,20 @@ def _require_server_auth(
 
 def _certs_in_file(path: Path) -> list[x509.Certificate]:
     """Each parseable certificate of a bundle; one odd system root must not lose the rest."""
+    data = path.read_bytes()
     found: list[x509.Certificate] = []
-    for block in _PEM_CERT.findall(path.read_bytes()):
+    with warnings.catch_warnings():  # old roots with odd serials still verify others
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
         try:
-            with warnings.catch_warnings():  # old roots with odd serials still verify others
-                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-                found.append(x509.load_pem_x509_certificate(block))
+            # The whole bundle in one call, 4x faster than block by block (issue 6).
+            return x509.load_pem_x509_certificates(data)
         except ValueError:
-            continue
+            pass  # an unreadable block: keep every one that parses, below
+        for block in _PEM_CERT.findall(data):
+            try:
+                found.append(x509.load_pem_x509_certificate(block))
+            except ValueError:
+                continue
     return found
 
 
@@ -202,8 +208,8 @@ def system_roots() -> list[x509.Certificate]:
     roots = _certs_in_file(Path(certifi.where()))
     cafile = ssl.get_default_verify_paths().cafile
     if cafile and Path(cafile).is_file():
-        seen = {fingerprint_sha256(cert) for cert in roots}
-        roots += [c for c in _certs_in_file(Path(cafile)) if fingerprint_sha256(c) not in seen]
+        seen = set(roots)  # certificates hash and compare by their DER bytes
+        roots += [c for c in _certs_in_file(Path(cafile)) if c not in seen]
     return roots
 
 

@@ -22,6 +22,7 @@ from renewer.certs import (
     fingerprint_sha256,
     not_after,
     serial_hex,
+    system_roots,
     verify_chain,
 )
 from renewer.errors import CertificateInvalidError
@@ -86,10 +87,10 @@ def validate_certificate(
         usage = None
     if usage is None or ExtendedKeyUsageOID.SERVER_AUTH not in usage:
         raise CertificateInvalidError("the certificate lacks the serverAuth extended key usage")
+    # The system bundles are read once here for both verifications below (issue 6).
+    trusted = [*roots, *system_roots()] if use_system_roots else list(roots)
     try:
-        verify_chain(
-            leaf, issued.chain, roots, now=now, use_system_roots=use_system_roots, name=domains[0]
-        )
+        verify_chain(leaf, issued.chain, trusted, now=now, use_system_roots=False, name=domains[0])
     except ChainError as exc:
         raise CertificateInvalidError(f"the chain does not verify: {exc}") from None
 
@@ -97,7 +98,13 @@ def validate_certificate(
     key_b64 = Secret(base64.b64encode(issued.key_pem.reveal().encode()).decode("ascii"))
     chain_b64 = base64.b64encode(issued.fullchain_pem.encode()).decode("ascii")
     seen = handshake_selftest(
-        key_b64, chain_b64, domains[0], roots, now=now, timeout=handshake_timeout
+        key_b64,
+        chain_b64,
+        domains[0],
+        trusted,
+        now=now,
+        timeout=handshake_timeout,
+        use_system_roots=False,
     )
     fingerprint = fingerprint_sha256(leaf)
     if seen != fingerprint:
