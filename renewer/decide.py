@@ -77,12 +77,9 @@ def assess_endpoint(
     # Check trust for a name the certificate does cover, so a missing name is reported
     # once (above) rather than again as a chain failure.
     covered = next((d for d in domains if d not in missing), None)
-    try:
-        verify_chain(
-            leaf, served.chain, roots, now=now, use_system_roots=use_system_roots, name=covered
-        )
-    except ChainError as exc:
-        reasons.append(f"not trusted: {exc.args[0] if exc.args else exc}")
+    trust = _trust_problem(served, roots, use_system_roots=use_system_roots, now=now, name=covered)
+    if trust:
+        reasons.append(f"not trusted: {trust}")
     left = days_left(leaf, now)
     if left < 0:
         reasons.append(f"expired {-left} day(s) ago")
@@ -94,6 +91,26 @@ def assess_endpoint(
             f"the CA's renewal window opened at {ari_window.start:%Y-%m-%d %H:%M}Z{note}"
         )
     return EndpointState(endpoint, served, None, tuple(reasons), tuple(reasons))
+
+
+def _trust_problem(
+    served: ServedCertificate,
+    roots: Sequence[x509.Certificate],
+    *,
+    use_system_roots: bool,
+    now: datetime,
+    name: str | None,
+) -> str | None:
+    leaf = served.leaf
+    if leaf.issuer == leaf.subject and leaf not in roots:
+        return "self-signed (a placeholder or a test certificate)"
+    try:
+        verify_chain(
+            leaf, served.chain, roots, now=now, use_system_roots=use_system_roots, name=name
+        )
+    except ChainError as exc:
+        return str(exc.args[0] if exc.args else exc)
+    return None
 
 
 def decide_renewal(
