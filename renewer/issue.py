@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from renewer.acme_client import AcmeClient, describe_problem, translate_acme_error
 from renewer.ari import parse_retry_after
-from renewer.dns_provider import DnsProvider, TxtRecord, normalize_name
+from renewer.dns_provider import DnsProvider, TxtRecord, challenge_fqdn, normalize_name
 from renewer.errors import ApiError, DnsChallengeError, IssuanceError
 from renewer.propagation import wait_for_txt
 from renewer.sensitive import Secret
@@ -270,6 +270,20 @@ def _publish(
         raise DnsChallengeError(f"DNS provider: {exc}") from exc
     timings["dns_publish"] = clock() - mark
     log.info("Published %d TXT record(s) in %.2f s", len(created), timings["dns_publish"])
+
+
+def remove_stale_challenges(dns: DnsProvider, domains: Sequence[str]) -> int:
+    """Removes the TXT records an earlier, interrupted run of ours left at the domains'
+    ``_acme-challenge`` names; returns how many. A run with nothing due calls this too,
+    else a run killed after publishing leaves its record until the next renewal, weeks
+    later. Raises ApiError/DnsChallengeError (callers treat it as a warning)."""
+    removed = 0
+    for fqdn in dict.fromkeys(challenge_fqdn(d) for d in domains):
+        for stale in dns.list_stale_txt(fqdn):
+            log.info("Removing stale TXT record %s left by an earlier run", stale.fqdn)
+            dns.delete_txt(stale)
+            removed += 1
+    return removed
 
 
 def _cleanup(dns: DnsProvider, created: list[TxtRecord], warnings: list[str]) -> None:

@@ -38,6 +38,7 @@ from renewer.errors import (
     RenewerError,
     StepError,
 )
+from renewer.issue import remove_stale_challenges
 from renewer.probe import Endpoint, ServedCertificate, probe_endpoint
 from renewer.report import CertificateReport, EndpointReport, RunReport
 from renewer.services import Services
@@ -261,6 +262,17 @@ def _apply_verify(
     report.endpoints = fresh
 
 
+def _remove_stale_challenges(ctx: RunContext, cert: CertificateConfig) -> None:
+    """Best effort: a TXT record left by a killed run goes now, not at the next renewal."""
+    try:
+        removed = remove_stale_challenges(ctx.services.dns_provider(), cert.domains)
+    except RenewerError as exc:
+        log.warning("could not check for stale _acme-challenge records: %s", exc)
+        return
+    if removed:
+        log.info("removed %d stale _acme-challenge record(s) left by an earlier run", removed)
+
+
 def renew_certificate(ctx: RunContext, cert: CertificateConfig) -> CertificateReport:
     report = CertificateReport(cert.name)
     threading.current_thread().name = cert.name
@@ -281,6 +293,8 @@ def renew_certificate(ctx: RunContext, cert: CertificateConfig) -> CertificateRe
         log.info("decide: %s: %s", "renew" if decision.due else "nothing due", decision.reason)
         if not decision.due:
             report.action = "skipped"
+            if not ctx.options.dry_run:
+                _remove_stale_challenges(ctx, cert)
             return report
 
         step = "issue"
