@@ -9,8 +9,10 @@ status, method, URL and the API's own message, never request headers or bodies.
 from __future__ import annotations
 
 import email.utils
+import json as json_module
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -26,6 +28,52 @@ ErrorParser = Callable[[requests.Response], tuple[str, str | None]]
 
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _BODY_EXCERPT = 300
+_MIN_SECRET_PIECE = 8  # a token piece shorter than this is no credential
+_MIN_BODY_SECRET = 64  # request body strings this long (keys, certificates) are redacted
+REDACTED = "<redacted>"
+
+
+def _sensitive_values(auth: Mapping[str, str], body: Any) -> list[str]:
+    """What an error body must not repeat: our auth header values (and their pieces, e.g.
+    the token after ``FlyV1 ``) and the long strings we sent (a private key in a secrets
+    call). Longest first, so a value is replaced before any piece of it."""
+    found: set[str] = set()
+    for value in auth.values():
+        found.add(value)
+        found.update(p for p in re.split(r"[\s,]+", value) if len(p) >= _MIN_SECRET_PIECE)
+
+    def walk(item: Any) -> None:
+        if isinstance(item, str) and len(item) >= _MIN_BODY_SECRET:
+            found.update((item, item.strip('"')))  # TXT content goes quoted
+        elif isinstance(item, Mapping):
+            for value in item.values():
+                walk(value)
+        elif isinstance(item, list | tuple):
+            for value in item:
+                walk(value)
+
+    walk(body)
+    return sorted((v for v in found if v), key=len, reverse=True)
+
+
+def _scrub(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        for form in (secret, json_module.dumps(secret)[1:-1]):
+            text = text.replace(form, REDACTED)
+    return text
+
+
+def _redact(response: requests.Response, secrets: list[str]) -> None:
+    """Removes ``secrets`` from an error response's body before anything reads it: a proxy
+    or debug endpoint that echoes the request would otherwise put our token (or the key
+    we sent) into ApiError messages, logs and the report email."""
+    if not secrets or not response.content:
+        return
+    text = response.content.decode(response.encoding or "utf-8", errors="replace")
+    cleaned = _scrub(text, secrets)
+    if cleaned != text:
+        response._content = cleaned.encode("utf-8")
+        response.encoding = "utf-8"
 
 
 def default_error_parser(response: requests.Response) -> tuple[str, str | None]:
@@ -142,7 +190,10 @@ class ApiSession:
 
             if response.status_code < 400:
                 return response
+            secrets = _sensitive_values(self._auth_headers(), json)
+            _redact(response, secrets)
             message, code = self._parse_error(response)
+            message = _scrub(message, secrets)
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             retryable = response.status_code in _RETRY_STATUSES
             if not retryable or attempt >= attempts:
