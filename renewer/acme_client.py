@@ -47,7 +47,7 @@ from renewer.sensitive import Secret
 log = logging.getLogger(__name__)
 
 USER_AGENT = "cert-renewer (acme-python)"
-MAX_NONCE_RETRIES = 10
+MAX_NONCE_RETRIES = 25  # Pebble at 50% rejection fails 10 in a row 1 time in 1024
 MAX_RATE_LIMIT_WAIT = 30.0  # seconds we are willing to wait inside one run
 MAX_RATE_LIMIT_RETRIES = 3
 DEFAULT_RATE_LIMIT_WAIT = 5.0  # 503 without Retry-After

@@ -38,7 +38,42 @@ _GONE_STATES = frozenset({"destroyed", "destroying", "replaced", "migrated"})
 _LAUNCH_STATES = frozenset({"started", "starting", "failed"})
 # Checks flyctl ignores (fly-api.md 3.4).
 _IGNORED_CHECK_PREFIX = "bg_deployments_compat"
-_LEASE_MARGIN = 30  # seconds of lease beyond the longest wait
+# A short lease, refreshed in the background while we work (flyctl: 13 s, every 4 s), so
+# a run killed mid-rollout blocks the next one for seconds, not for a whole wait_timeout.
+_LEASE_TTL = 20
+LEASE_DESCRIPTION = "cert-renewer"
+
+
+class _LeaseKeeper:
+    """Refreshes a lease every third of its TTL until the block ends."""
+
+    def __init__(self, client: FlyClient, app: str, machine_id: str, nonce: str, ttl: int) -> None:
+        self._args = (app, machine_id, nonce, ttl)
+        self._client = client
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, name=f"{threading.current_thread().name}-lease", daemon=True
+        )
+
+    def _loop(self) -> None:
+        app, machine_id, nonce, ttl = self._args
+        while not self._stop.wait(ttl / 3):
+            try:
+                self._client.refresh_lease(app, machine_id, nonce, ttl)
+            except ApiError as exc:
+                log.warning(
+                    "fly app %s: machine %s: refreshing its lease failed: %s", app, machine_id, exc
+                )
+
+    def __enter__(self) -> _LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
 _PRECONDITION_ATTEMPTS = 4
 
 # Release markers written into each machine's metadata: they also make every update a
@@ -155,20 +190,15 @@ class FlyTarget:
         )
 
     def _roll_machine(self, machine_id: str, version: int, material: DeployMaterial) -> str:
-        app, timeout = self._config.app, self._config.wait_timeout
-        ttl = int(timeout + self._smoke + _LEASE_MARGIN)
+        app = self._config.app
+        ttl = _LEASE_TTL
+        nonce = self._take_lease(machine_id, ttl)
+        log.info(
+            "fly app %s: machine %s: leased (%ds, kept alive while we work)", app, machine_id, ttl
+        )
         try:
-            nonce = self._client.acquire_lease(app, machine_id, ttl)
-        except LeaseConflictError as exc:
-            raise self._fail(
-                f"its lease is held by another client ({exc.message}); it was not changed",
-                machine_id,
-            ) from exc
-        except ApiError as exc:
-            raise self._fail(f"could not take its lease: {exc}", machine_id) from exc
-        log.info("fly app %s: machine %s: leased for %ds", app, machine_id, ttl)
-        try:
-            return self._update_leased(machine_id, version, material, nonce, ttl)
+            with _LeaseKeeper(self._client, app, machine_id, nonce, ttl):
+                return self._update_leased(machine_id, version, material, nonce)
         except ApiError as exc:
             raise self._fail(str(exc), machine_id) from exc
         finally:
@@ -181,8 +211,42 @@ class FlyTarget:
                     "fly app %s: machine %s: releasing its lease failed: %s", app, machine_id, exc
                 )
 
+    def _take_lease(self, machine_id: str, ttl: int) -> str:
+        """Takes the lease; a lease an earlier run of ours left behind (killed mid-rollout)
+        is waited out, since it expires within one short TTL; anyone else's is an error."""
+        app = self._config.app
+        for _attempt in range(3):
+            try:
+                return self._client.acquire_lease(app, machine_id, ttl)
+            except LeaseConflictError as exc:
+                conflict = exc
+            except ApiError as exc:
+                raise self._fail(f"could not take its lease: {exc}", machine_id) from exc
+            holder = self._client.get_lease(app, machine_id)
+            wait = (holder.expires_at - time.time()) if holder and holder.expires_at else None
+            if (
+                holder is None
+                or holder.description != LEASE_DESCRIPTION
+                or wait is None
+                or wait > _LEASE_TTL + 5  # ours never last longer: not a lease of ours
+            ):
+                break
+            log.info(
+                "fly app %s: machine %s: a lease left by an earlier cert-renewer run expires in "
+                "%.0fs; waiting for it",
+                app,
+                machine_id,
+                max(wait, 0),
+            )
+            # expires_at is whole seconds: wait past the second it names.
+            self._sleep(max(wait, 0) + 1.0)
+        raise self._fail(
+            f"its lease is held by another client ({conflict.message}); it was not changed",
+            machine_id,
+        ) from conflict
+
     def _update_leased(
-        self, machine_id: str, version: int, material: DeployMaterial, nonce: str, ttl: int
+        self, machine_id: str, version: int, material: DeployMaterial, nonce: str
     ) -> str:
         app, timeout = self._config.app, self._config.wait_timeout
         machine = self._client.get_machine(app, machine_id)  # fresh config, now that we hold it
@@ -231,7 +295,6 @@ class FlyTarget:
         if not _has_checks(config):
             log.info("fly app %s: machine %s: started; it has no health checks", app, machine_id)
             return "started"
-        self._client.refresh_lease(app, machine_id, nonce, ttl)
         self._wait_for_checks(machine_id)
         return "started, checks passing"
 

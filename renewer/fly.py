@@ -46,6 +46,15 @@ _NOT_FOUND_RETRIES = 5  # a 404 right after an update is transient (fly-api.md 4
 _APP_VISIBLE_TIMEOUT = 60.0  # flyctl's WaitForApp bound (fly-api.md 2)
 
 
+@dataclass(frozen=True)
+class MachineLease:
+    """Someone's lease on a machine (never its nonce: that is the holder's secret)."""
+
+    owner: str
+    description: str
+    expires_at: float | None  # Unix seconds
+
+
 class LeaseConflictError(ApiError):
     """Another client holds the machine's lease (HTTP 409)."""
 
@@ -445,6 +454,22 @@ class FlyClient:
                 "lease answer has no nonce",
             )
         return found
+
+    def get_lease(self, app: str, machine_id: str) -> MachineLease | None:
+        """The machine's current lease, or None when it has none (404)."""
+        try:
+            body = self._json("GET", f"apps/{app}/machines/{machine_id}/lease")
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        data = (body.get("data") if isinstance(body, dict) else None) or body or {}
+        expires = data.get("expires_at")
+        return MachineLease(
+            owner=str(data.get("owner") or ""),
+            description=str(data.get("description") or ""),
+            expires_at=float(expires) if isinstance(expires, int | float) else None,
+        )
 
     def release_lease(self, app: str, machine_id: str, nonce: str) -> None:
         """Releases our lease; a lease that already expired (404) is not an error."""

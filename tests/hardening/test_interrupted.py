@@ -114,16 +114,6 @@ def test_sigkill_at_each_step_then_the_next_run_finishes(runs: Runs, point: str)
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a run killed while it holds a machine's lease leaves the lease to expire by its "
-        "TTL (wait_timeout + smoke_check + 30 s); until then the next run fails with "
-        "'lease is held by another client'. Fix (deploy_fly.py): on a lease conflict, read "
-        "the lease; if its description is ours ('cert-renewer'), wait for it to expire "
-        "(bounded by its expires_at) and take it, and use a short TTL refreshed while waiting"
-    ),
-)
 def test_sigkill_while_a_machine_is_leased_then_the_next_run_finishes(runs: Runs) -> None:
     world = runs.world(with_dotenv=False)
     assert world.fly is not None
