@@ -19,6 +19,7 @@ from typing import Literal, cast
 from urllib.parse import urlsplit
 
 from renewer.errors import ConfigError
+from renewer.keys import load_certificate_key
 from renewer.probe import Endpoint
 from renewer.sensitive import Secret
 
@@ -123,6 +124,8 @@ class CertificateConfig:
     key_type: KeyType = "ecdsa-p256"
     endpoints: tuple[Endpoint, ...] = ()
     targets: tuple[TargetConfig, ...] = ()
+    # Environment variable holding a private key every renewal reuses (DANE TLSA 3 1 1).
+    key_env: str | None = None
 
 
 @dataclass(frozen=True)
@@ -155,15 +158,18 @@ class Secrets:
     mailpace_token: Secret | None = None
     acme_account_key: Secret | None = None
     rfc2136_tsig_secret: Secret | None = None
+    # Certificate name -> the private key to reuse (PKCS#8 PEM), from ``key_env``.
+    certificate_keys: Mapping[str, Secret] = field(default_factory=dict)
 
     def all_values(self) -> tuple[str, ...]:
         """Every secret's raw value, for leak scanning in tests and redaction."""
-        values = (
+        values: tuple[Secret | None, ...] = (
             self.cloudflare_api_token,
             self.fly_api_token,
             self.mailpace_token,
             self.acme_account_key,
             self.rfc2136_tsig_secret,
+            *self.certificate_keys.values(),
         )
         return tuple(v.reveal() for v in values if v)
 
@@ -539,6 +545,15 @@ def _parse_certificate(
             )
         seen_domains[domain] = f"{r.path('domains')}[{i}]"
         domains.append(domain)
+    key_env = r.text("key_env")
+    if key_env is not None and (
+        not _ENV_NAME.match(key_env) or key_env in SECRET_VARIABLES or key_env == "RENEWER_CONFIG"
+    ):
+        raise ConfigError(
+            r.path("key_env"),
+            f"expected the name of an environment variable of its own, like "
+            f"SMTP_TLS_KEY, got {key_env!r}",
+        )
     key_type = r.text("key_type", "ecdsa-p256")
     if key_type not in KEY_TYPES:
         raise ConfigError(
@@ -564,6 +579,7 @@ def _parse_certificate(
         key_type=key_type,
         endpoints=tuple(endpoints),
         targets=targets,
+        key_env=key_env,
     )
 
 
@@ -642,12 +658,23 @@ def load_secrets(config: RenewerConfig, env: Mapping[str, str]) -> Secrets:
             raise ConfigError(name, "must be one line without control characters (newlines)")
         return Secret(value) if value else None
 
+    certificate_keys: dict[str, Secret] = {}
+    for i, cert in enumerate(config.certificates):
+        if cert.key_env is None:
+            continue
+        value = env.get(cert.key_env, "").strip()
+        if not value:
+            raise ConfigError(cert.key_env, f"is required by certificates[{i}].key_env")
+        certificate_keys[cert.name] = load_certificate_key(
+            Secret(value), cert.key_env, cert.key_type
+        )
     secrets = Secrets(
         cloudflare_api_token=get("CLOUDFLARE_API_TOKEN"),
         fly_api_token=get("FLY_API_TOKEN"),
         mailpace_token=get("MAILPACE_TOKEN"),
         acme_account_key=get("ACME_ACCOUNT_KEY"),
         rfc2136_tsig_secret=get("RFC2136_TSIG_SECRET"),
+        certificate_keys=certificate_keys,
     )
     if config.dns.provider == "cloudflare" and secrets.cloudflare_api_token is None:
         raise ConfigError("CLOUDFLARE_API_TOKEN", "is required when dns.provider is 'cloudflare'")

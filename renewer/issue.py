@@ -51,6 +51,7 @@ class IssueRequest:
     key_type: str  # one of KEY_TYPES
     profile: str | None = None
     replaces: str | None = None  # ARI CertID of the certificate being replaced
+    key_pem: Secret | None = None  # a key to reuse (DANE); a new one of key_type otherwise
 
 
 @dataclass(frozen=True)
@@ -108,10 +109,15 @@ def issue_certificate(
     started = clock()
     timings: dict[str, float] = {}
     what = f"certificate {request.name} ({', '.join(request.domains)})"
-    log.info("Issuing %s, key %s", what, request.key_type)
+    log.info(
+        "Issuing %s, key %s (%s)",
+        what,
+        request.key_type,
+        "reused" if request.key_pem else "new",
+    )
     _check_profile(client, request.profile)
 
-    key_pem = generate_key(request.key_type)
+    key_pem = request.key_pem or generate_key(request.key_type)
     csr_pem = crypto_util.make_csr(key_pem.reveal().encode(), list(request.domains))
     timings["key"] = clock() - started
 

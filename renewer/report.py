@@ -66,6 +66,8 @@ class CertificateReport:
     fingerprint_sha256: str | None = None
     # ARI CertID of the certificate this one replaces, when the CA accepted ``replaces``.
     replaces: str | None = None
+    # DANE TLSA 3 1 1 data of the new certificate's key: what a TLSA record must hold.
+    tlsa_3_1_1: str | None = None
     targets: list[TargetResult] = field(default_factory=list)
     endpoints: list[EndpointReport] = field(default_factory=list)
     error_step: str | None = None
@@ -86,6 +88,7 @@ class CertificateReport:
             "not_after": iso_utc(self.not_after),
             "fingerprint_sha256": self.fingerprint_sha256,
             "replaces": self.replaces,
+            "tlsa_3_1_1": self.tlsa_3_1_1,
             "targets": [
                 {"type": t.type, "name": t.name, "status": t.status, "detail": t.detail}
                 for t in self.targets
@@ -192,6 +195,7 @@ class RunReport:
                     f"  new certificate: serial {cert.serial}, expires {iso_utc(cert.not_after)}, "
                     f"sha256 {cert.fingerprint_sha256}"
                 )
+                lines.append(f"  DANE TLSA 3 1 1: {cert.tlsa_3_1_1}")
             if cert.error_step:
                 lines.append(f"  error at {cert.error_step}: {cert.error_message}")
             for target in cert.targets:

@@ -39,6 +39,7 @@ from renewer.errors import (
     StepError,
 )
 from renewer.issue import remove_stale_challenges
+from renewer.keys import tlsa_3_1_1
 from renewer.probe import Endpoint, ServedCertificate, probe_endpoint
 from renewer.report import CertificateReport, EndpointReport, RunReport
 from renewer.services import Services
@@ -317,6 +318,7 @@ def renew_certificate(ctx: RunContext, cert: CertificateConfig) -> CertificateRe
         report.serial = validated.serial
         report.not_after = validated.not_after
         report.fingerprint_sha256 = validated.fingerprint
+        report.tlsa_3_1_1 = tlsa_3_1_1(validated.leaf.public_key())
         log.info(
             "validate: serial %s, expires %s, sha256 %s: key, names, chain, dates, serverAuth "
             "and a local STARTTLS handshake all good",

@@ -147,6 +147,7 @@ class Services:
             key_type=cert.key_type,
             profile=acme.profile,
             replaces=replaces_id,
+            key_pem=self.settings.secrets.certificate_keys.get(cert.name),
         )
         return issue_certificate(
             request,

@@ -18,12 +18,14 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from emulators.pebble import LETSENCRYPT_PROFILES
 from emulators.world import INBOUND_APP, SUBMISSION_APP, LocalWorld, WorldOptions
 from renewer.certs import fingerprint_sha256
 from renewer.cli import run_renewal
+from renewer.keys import tlsa_3_1_1
 from renewer.probe import Endpoint, probe_endpoint
 
 pytestmark = pytest.mark.integration
@@ -333,3 +335,31 @@ def test_without_endpoints_the_dotenv_file_shows_what_is_deployed(tmp_path: Path
         code, third = renew(world, config=config)
         assert by_name(third)["relay"]["action"] == "renewed"
         assert "not a PEM chain" in by_name(third)["relay"]["reason"]
+
+
+def test_key_env_keeps_the_key_across_renewals_for_dane(tmp_path: Path) -> None:
+    options = WorldOptions(with_fly=False, with_notify=False)
+    with LocalWorld(tmp_path / "world", options) as world:
+        key = ec.generate_private_key(ec.SECP256R1())
+        pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
+        config = world.config()
+        config["certificates"][0]["key_env"] = "RELAY_TLS_KEY"
+        env = {**world.env(), "RELAY_TLS_KEY": pem}
+
+        tlsa = []
+        for force in (False, True):
+            path = world.workdir / "renewer.json"
+            path.write_text(json.dumps(config))
+            code = run_renewal(
+                str(path), env, force=force, dry_run=False, report_json="r.json", cwd=world.workdir
+            )
+            assert code == 0
+            relay = by_name(json.loads((world.workdir / "r.json").read_text()))["relay"]
+            assert relay["action"] == "renewed"
+            tlsa.append(relay["tlsa_3_1_1"])
+        assert tlsa[0] == tlsa[1] == tlsa_3_1_1(key.public_key())
+
+        # Negative control: without key_env, a forced renewal brings a new key.
+        del config["certificates"][0]["key_env"]
+        _, report = renew(world, config=config, force=True)
+        assert by_name(report)["relay"]["tlsa_3_1_1"] != tlsa[0]
