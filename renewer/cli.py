@@ -11,6 +11,7 @@ from pathlib import Path
 
 from renewer.config import load_settings
 from renewer.errors import RenewerError
+from renewer.preflight import run_preflight
 from renewer.report import RunReport
 from renewer.run import RunOptions, assess_certificate, endpoint_reports, make_context, run
 from renewer.services import Services
@@ -91,7 +92,20 @@ def run_check(config_path: str | None, env: Mapping[str, str], report_json: str 
                     "endpoints": [e.to_json(with_status=True) for e in reports],
                 }
             )
+        sys.stdout.write("pre-flight (what the next renewal needs)\n")
+        preflight = run_preflight(services)
+        for result in preflight:
+            mark = "ok" if result.ok else "PROBLEM"
+            sys.stdout.write(f"  {result.check}: {mark} {result.detail}\n")
+            problems += not result.ok
     status = "problems" if problems else "ok"
-    _write_json(report_json, {"status": status, "certificates": certificates})
-    sys.stdout.write(f"check: {status} ({problems} endpoint(s) with problems)\n")
+    _write_json(
+        report_json,
+        {
+            "status": status,
+            "certificates": certificates,
+            "preflight": [r.to_json() for r in preflight],
+        },
+    )
+    sys.stdout.write(f"check: {status} ({problems} problem(s))\n")
     return 1 if problems else 0

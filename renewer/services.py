@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import requests
 from cryptography import x509
@@ -24,6 +25,9 @@ from renewer.dns_provider import DnsProvider
 from renewer.errors import ConfigError
 from renewer.issue import IssuedCertificate, IssueRequest, issue_certificate
 from renewer.targets import Target
+
+if TYPE_CHECKING:
+    from renewer.fly import FlyClient
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ class Services:
         self._account_key: AccountKey | None = None
         self._dns: DnsProvider | None = None
         self._renewal_info: dict[str, str | None] = {}
-        self._fly_clients: dict[str, object] = {}
+        self._fly_clients: dict[str, FlyClient] = {}
         self._session = requests.Session()
         self._session.trust_env = False
 
@@ -188,19 +192,24 @@ class Services:
 
     # ------------------------------------------------------------------ Fly
 
-    def fly_target(self, config: FlyTargetConfig, app_lock: threading.Lock) -> Target:
-        from renewer.deploy_fly import FlyTarget  # noqa: PLC0415 - only when used
-        from renewer.fly import FlyClient  # noqa: PLC0415
+    def fly_client(self, api_base_url: str) -> FlyClient:
+        """One client per Fly API base URL for the whole run."""
+        from renewer.fly import FlyClient  # noqa: PLC0415 - only when used
 
         token = self.settings.secrets.fly_api_token
         if token is None:
             raise ConfigError("FLY_API_TOKEN", "is required when a certificate has a 'fly' target")
         with self._lock:
-            client = self._fly_clients.get(config.api_base_url)
+            client = self._fly_clients.get(api_base_url)
             if client is None:
-                client = FlyClient(config.api_base_url, token)
-                self._fly_clients[config.api_base_url] = client
-        assert isinstance(client, FlyClient)
+                client = FlyClient(api_base_url, token)
+                self._fly_clients[api_base_url] = client
+            return client
+
+    def fly_target(self, config: FlyTargetConfig, app_lock: threading.Lock) -> Target:
+        from renewer.deploy_fly import FlyTarget  # noqa: PLC0415 - only when used
+
+        client = self.fly_client(config.api_base_url)
         return FlyTarget(config, client, app_lock, smoke_check_seconds=config.smoke_check)
 
     # ------------------------------------------------------------------ report

@@ -363,3 +363,47 @@ def test_key_env_keeps_the_key_across_renewals_for_dane(tmp_path: Path) -> None:
         del config["certificates"][0]["key_env"]
         _, report = renew(world, config=config, force=True)
         assert by_name(report)["relay"]["tlsa_3_1_1"] != tlsa[0]
+
+
+def test_check_preflight_finds_tokens_that_would_fail_the_next_renewal(world: LocalWorld) -> None:
+    path = world.write_config()
+
+    def check(env: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "renewer",
+                "check",
+                "--config",
+                str(path),
+                "--report-json",
+                "c.json",
+            ],
+            env={**os.environ, **env, "PYTHONPATH": str(REPO)},
+            cwd=world.workdir,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        return done.returncode, json.loads((world.workdir / "c.json").read_text())
+
+    renew(world)
+    code, good = check(world.env())
+    assert code == 0
+    assert good["preflight"] and {p["status"] for p in good["preflight"]} == {"ok"}
+    checks = {p["check"] for p in good["preflight"]}
+    assert "fly app demo-submission" in checks
+    assert "dns cloudflare _acme-challenge.mx.example.test" in checks
+
+    wrong = {**world.env(), "CLOUDFLARE_API_TOKEN": "x" * 40, "FLY_API_TOKEN": "FlyV1 fm2_nope"}
+    code, bad = check(wrong)
+    assert code == 1
+    problems = {p["check"]: p["detail"] for p in bad["preflight"] if p["status"] == "problems"}
+    assert "dns cloudflare _acme-challenge.mx.example.test" in problems
+    assert "fly app demo-inbound" in problems
+    # Live endpoints are still fine: the problems are only in what the next run needs.
+    assert all(e["status"] == "ok" for c in bad["certificates"] for e in c["endpoints"])
+    for secret in wrong.values():
+        assert secret not in json.dumps(bad)
