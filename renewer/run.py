@@ -27,6 +27,7 @@ from renewer.certs import (
     load_roots,
     not_after,
     serial_hex,
+    system_roots,
 )
 from renewer.config import CertificateConfig, DotenvTargetConfig, Settings
 from renewer.decide import AriWindow, EndpointState, assess_endpoint, decide_renewal
@@ -395,7 +396,8 @@ def make_context(
         settings=settings,
         options=options,
         services=services,
-        roots=load_roots(None if bundle is None else services.cwd / bundle),
-        use_system_roots=True,
+        # The system roots are parsed once per run, not once per chain checked.
+        roots=[*load_roots(None if bundle is None else services.cwd / bundle), *system_roots()],
+        use_system_roots=False,
         now=now,
     )
