@@ -17,8 +17,6 @@ What the library lacks and we add here:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime
 import logging
 import os
@@ -42,6 +40,7 @@ from josepy.jwk import JWK, JWKEC, JWKRSA
 
 from renewer.ari import parse_retry_after
 from renewer.errors import ConfigError, IssuanceError
+from renewer.keys import load_private_key
 from renewer.sensitive import Secret
 
 log = logging.getLogger(__name__)
@@ -96,19 +95,7 @@ class AccountKey:
     def from_pem(cls, text: Secret, *, field: str = "ACME_ACCOUNT_KEY") -> AccountKey:
         """PEM text, or base64 of PEM (as Fly secrets hold it). ConfigError naming ``field``."""
         expected = "a PEM private key (EC P-256/P-384/P-521 or RSA >= 2048), or base64 of one"
-        raw = text.reveal().strip().encode()
-        if not raw.startswith(b"-----BEGIN"):
-            try:
-                raw = base64.b64decode(raw, validate=False).strip()
-            except (binascii.Error, ValueError):
-                raise ConfigError(field, expected) from None
-        try:
-            key = serialization.load_pem_private_key(raw, password=None)
-        except (ValueError, TypeError):
-            # no ``from exc``: the parser's message may quote key material
-            raise ConfigError(field, expected) from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-            raise ConfigError(field, expected)
+        key = load_private_key(text, field, expected)
         try:
             return cls(key)
         except ValueError as exc:

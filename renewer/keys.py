@@ -29,14 +29,14 @@ def key_type_of(key: PrivateKey) -> str:
     return f"rsa-{key.key_size}"
 
 
-def load_certificate_key(value: Secret, field: str, key_type: str) -> Secret:
-    """Checks an operator-given key (PEM, or base64 of PEM as Fly secrets hold it) and
-    returns it as PKCS#8 PEM. Raises ConfigError naming ``field``; never echoes the key."""
-    expected = f"a PEM private key of type {key_type} (or base64 of one)"
+def load_private_key(value: Secret, field: str, expected: str) -> PrivateKey:
+    """An EC or RSA key from PEM text, or base64 of PEM (as Fly secrets hold it).
+    Raises ConfigError(field, expected); never echoes the value."""
     raw = value.reveal().strip().encode()
     if not raw.startswith(b"-----BEGIN"):
         try:
-            raw = base64.b64decode(raw, validate=True).strip()
+            # ``base64`` without -w 0 wraps lines: fold them before a strict decode.
+            raw = base64.b64decode(b"".join(raw.split()), validate=True).strip()
         except (binascii.Error, ValueError):
             raise ConfigError(field, expected) from None
     try:
@@ -44,9 +44,17 @@ def load_certificate_key(value: Secret, field: str, key_type: str) -> Secret:
     except (ValueError, TypeError):
         # No ``from exc``: the parser's message may quote key material.
         raise ConfigError(field, expected) from None
-    if not isinstance(key, PrivateKey) or key_type_of(key) != key_type:
-        found = key_type_of(key) if isinstance(key, PrivateKey) else type(key).__name__
-        raise ConfigError(field, f"{expected}; it holds a {found} key")
+    if not isinstance(key, PrivateKey):
+        raise ConfigError(field, f"{expected}; it holds a {type(key).__name__}")
+    return key
+
+
+def load_certificate_key(value: Secret, field: str, key_type: str) -> Secret:
+    """Checks an operator-given certificate key and returns it as PKCS#8 PEM."""
+    expected = f"a PEM private key of type {key_type} (or base64 of one)"
+    key = load_private_key(value, field, expected)
+    if key_type_of(key) != key_type:
+        raise ConfigError(field, f"{expected}; it holds a {key_type_of(key)} key")
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,

@@ -116,3 +116,11 @@ def test_tlsa_value_matches_openssl(tmp_path: Path) -> None:
     )
     cert = x509.load_pem_x509_certificate(pem)
     assert tlsa_3_1_1(cert.public_key()) == digest
+
+
+def test_wrapped_base64_as_plain_base64_prints_it_is_accepted() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    encoded = base64.encodebytes(_pem(key).encode()).decode()  # 76-column lines
+    assert "\n" in encoded.strip()
+    loaded = load_certificate_key(Secret(encoded), "SMTP_TLS_KEY", "ecdsa-p256")
+    assert "PRIVATE KEY" in loaded.reveal()
