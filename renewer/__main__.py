@@ -7,7 +7,6 @@ problem); 2 bad configuration or usage.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -15,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from renewer.errors import ConfigError
+from renewer.report import write_json
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -60,14 +60,6 @@ def _setup_logging(quiet: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _write_json(path: str | None, data: object) -> None:
-    if path:
-        try:
-            Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        except OSError as exc:
-            sys.stderr.write(f"renewer: cannot write --report-json {path}: {exc.strerror}\n")
-
-
 def _check_report_path(path: str | None) -> None:
     """Fails at the start, not after the work, when the report cannot be written."""
     if path and not Path(path).resolve().parent.is_dir():
@@ -99,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ConfigError as exc:
         sys.stderr.write(f"renewer: configuration error: {exc}\n")
-        _write_json(
+        write_json(
             getattr(args, "report_json", None),
             {
                 "status": "failed",

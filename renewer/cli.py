@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from collections.abc import Mapping
@@ -12,16 +11,11 @@ from pathlib import Path
 from renewer.config import load_settings
 from renewer.errors import RenewerError
 from renewer.preflight import run_preflight
-from renewer.report import RunReport
+from renewer.report import RunReport, write_json
 from renewer.run import RunOptions, assess_certificate, endpoint_reports, make_context, run
 from renewer.services import Services
 
 log = logging.getLogger(__name__)
-
-
-def _write_json(path: str | None, data: object) -> None:
-    if path:
-        Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def run_renewal(
@@ -41,7 +35,7 @@ def run_renewal(
         services.account_key()
         report = run(settings, RunOptions(force=force, dry_run=dry_run), services)
         deliver_report(report, services)
-    _write_json(str(cwd / report_json) if report_json else None, report.to_json())
+    write_json(str(cwd / report_json) if report_json else None, report.to_json())
     return 1 if report.status == "failed" else 0
 
 
@@ -99,7 +93,7 @@ def run_check(config_path: str | None, env: Mapping[str, str], report_json: str 
             sys.stdout.write(f"  {result.check}: {mark} {result.detail}\n")
             problems += not result.ok
     status = "problems" if problems else "ok"
-    _write_json(
+    write_json(
         report_json,
         {
             "status": status,

@@ -6,6 +6,8 @@ own errors), so nothing here can carry a key or a token.
 
 from __future__ import annotations
 
+import json
+import sys
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -252,3 +254,14 @@ def _advice(step: str) -> str:
         ),
         "report": "the run itself finished; check the MailPace token and sender domain.",
     }.get(step, "read the log of this run.")
+
+
+def write_json(path: str | None, data: object) -> None:
+    """Writes a JSON report for other programs; a path that fails is said on stderr."""
+    if not path:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as handle:  # noqa: PTH123 - str path from the CLI
+            handle.write(json.dumps(data, indent=2) + "\n")
+    except OSError as exc:
+        sys.stderr.write(f"renewer: cannot write the JSON report {path}: {exc.strerror}\n")
