@@ -283,7 +283,8 @@ def renew_certificate(ctx: RunContext, cert: CertificateConfig) -> CertificateRe
         started = time.monotonic()
         states = assess_certificate(ctx, cert)
         report.endpoints = endpoint_reports(states, ctx.now())
-        problems = [p for t in build_targets(ctx, cert) if (p := t.rollout_problem())]
+        targets = build_targets(ctx, cert)
+        problems = [p for t in targets if (p := t.rollout_problem())]
         decision = decide_renewal(
             states,
             force=ctx.options.force,
@@ -330,14 +331,12 @@ def renew_certificate(ctx: RunContext, cert: CertificateConfig) -> CertificateRe
         if ctx.options.dry_run:
             report.action = "renewed"
             report.reason = f"dry run: issued and validated, not deployed ({decision.reason})"
-            report.targets = [
-                TargetResult(t.type, t.name, "skipped", "dry run") for t in build_targets(ctx, cert)
-            ]
+            report.targets = [TargetResult(t.type, t.name, "skipped", "dry run") for t in targets]
             return report
 
         step = "deploy"
         started = time.monotonic()
-        deploy_to_targets(build_targets(ctx, cert), validated, report)
+        deploy_to_targets(targets, validated, report)
         report.timings["deploy"] = time.monotonic() - started
 
         step = "verify"
