@@ -207,7 +207,7 @@ def probe_endpoint(endpoint: Endpoint, sni: str, *, timeout: float = 10.0) -> Se
         tls = _handshake(talk, sni)
         served = _served(endpoint, tls)
         _quit_politely(talk, tls)
-        log.info(
+        log.debug(
             "%s serves %s (serial %s, %d more in chain)",
             endpoint,
             ", ".join(dns_names(served.leaf)) or "a certificate without DNS names",
