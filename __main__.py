@@ -45,6 +45,8 @@ def main() -> None:
         secrets["ACME_ACCOUNT_KEY"] = cfg.secrets.acme_account_key.apply(encode_pem)
     if cfg.secrets.rfc2136_tsig_secret is not None:
         secrets["RFC2136_TSIG_SECRET"] = cfg.secrets.rfc2136_tsig_secret
+    for name, key in cfg.secrets.certificate_keys.items():
+        secrets[name] = key.apply(encode_pem)
 
     token_id: pulumi.Output[str] | None = None
     renewer_config: pulumi.Input[str] = _renewer_config(raw, {})

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Final
+from dataclasses import dataclass, field
+from typing import Any, Final
 
 import pulumi
 
@@ -62,6 +62,8 @@ class FlySecrets:
     mailpace_token: pulumi.Output[str] | None
     acme_account_key: pulumi.Output[str] | None
     rfc2136_tsig_secret: pulumi.Output[str] | None
+    # key_env name -> the private key a certificate reuses (DANE), a secret per variable.
+    certificate_keys: Mapping[str, pulumi.Output[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,27 @@ def _zones(
     return zones
 
 
+def _certificate_keys(
+    config: pulumi.Config, raw: Mapping[str, Any]
+) -> dict[str, pulumi.Output[str]]:
+    """Each certificate's ``key_env`` is a secret stack key of the same name."""
+    keys: dict[str, pulumi.Output[str]] = {}
+    certificates = raw.get("certificates")
+    for i, cert in enumerate(certificates if isinstance(certificates, list) else []):
+        name = cert.get("key_env") if isinstance(cert, Mapping) else None
+        if not isinstance(name, str) or not name:
+            continue
+        value = config.get_secret(name)
+        if value is None:
+            raise StackConfigError(
+                _key(name),
+                f"is required by renewer.certificates[{i}].key_env: "
+                f"pulumi config set --secret {name} < key.pem",
+            )
+        keys[name] = value
+    return keys
+
+
 def load_stack_config(config: pulumi.Config) -> StackConfig:
     """Reads and checks every key of the stack; raises StackConfigError naming the key."""
     fly_org = _text(config, "flyOrg", _FLY_ORG, "a Fly organization slug")
@@ -243,6 +266,7 @@ def load_stack_config(config: pulumi.Config) -> StackConfig:
         mailpace_token=mailpace,
         acme_account_key=config.get_secret("acmeAccountKey"),
         rfc2136_tsig_secret=config.get_secret("rfc2136TsigSecret"),
+        certificate_keys=_certificate_keys(config, raw),
     )
     return StackConfig(
         fly_org=fly_org,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from collections.abc import Callable
@@ -285,3 +286,33 @@ def test_valid_config_declares_resources(program: Program) -> None:
     # Positive control for the test above: the same program with prod config declares all.
     mocks = program()
     assert {r.typ for r in mocks.registrations} >= {API_TOKEN, COMMAND}
+
+
+KEY_PEM = "-----BEGIN PRIVATE KEY-----\nDANE-SECRET-key-material\n-----END PRIVATE KEY-----\n"
+
+
+def test_key_env_key_reaches_the_renewer_as_a_secret_of_that_name(program: Program) -> None:
+    renewer = _prod_renewer()
+    renewer["certificates"][0]["key_env"] = "SUBMISSION_TLS_KEY"
+
+    mocks = program(renewer=renewer, SUBMISSION_TLS_KEY=KEY_PEM)
+
+    commands = commands_of(mocks)
+    [stdin] = list(secret_values(commands["renewer-secrets"].raw["stdin"]))
+    assert isinstance(stdin, str)
+    lines = dict(line.split("=", 1) for line in stdin.splitlines())
+    assert base64.b64decode(lines["SUBMISSION_TLS_KEY"]).decode() == KEY_PEM
+    for registration in mocks.registrations:
+        assert "DANE-SECRET" not in plain_text(registration.raw), registration.name
+
+
+def test_key_env_without_its_secret_fails_before_any_resource(
+    program: Program, mocks: RecordingMocks
+) -> None:
+    renewer = _prod_renewer()
+    renewer["certificates"][0]["key_env"] = "SUBMISSION_TLS_KEY"
+    with pytest.raises(StackConfigError) as caught:
+        program(renewer=renewer)
+    assert caught.value.key == "cert-renewer:SUBMISSION_TLS_KEY"
+    assert "pulumi config set --secret SUBMISSION_TLS_KEY" in str(caught.value)
+    assert mocks.registrations == []
