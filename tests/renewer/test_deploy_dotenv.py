@@ -20,7 +20,7 @@ from renewer.errors import DeployError
 from renewer.sensitive import Secret
 from renewer.targets import DeployMaterial
 
-KEY_B64 = base64.b64encode(b"-----BEGIN PRIVATE KEY-----\nsecret-key-bytes\n").decode()
+KEY_B64 = base64.b64encode(b"\x2d----BEGIN PRIVATE KEY-----\nsecret-key-bytes\n").decode()
 CHAIN_B64 = base64.b64encode(b"-----BEGIN CERTIFICATE-----\nchain\n").decode()
 MATERIAL = DeployMaterial(
     certificate_name="smtp",

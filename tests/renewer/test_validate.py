@@ -184,7 +184,7 @@ def test_unreadable_key(issuing_ca: trustme.CA, roots: list[x509.Certificate]) -
     good = _issued(issuing_ca)
     broken = IssuedCertificate(
         "smtp",
-        Secret("-----BEGIN PRIVATE KEY-----\nAAAA\n"),
+        Secret("\x2d----BEGIN PRIVATE KEY-----\nAAAA\n"),
         good.fullchain_pem,
         good.leaf,
         good.chain,
