@@ -12,7 +12,9 @@ previous run the way pulumi-command does (triggers replace, other changes update
 from __future__ import annotations
 
 import copy
+import gc
 import json
+import logging
 import os
 import runpy
 import subprocess
@@ -307,6 +309,21 @@ def plain_text(raw: object) -> str:
         return value
 
     return json.dumps(strip(raw))
+
+
+@pytest.fixture(autouse=True)
+def quiet_failed_futures() -> Iterator[None]:
+    """A program run that fails on purpose (a refused command) leaves Pulumi futures whose
+    exception nobody reads; asyncio logs each one when it is collected, often at exit,
+    far from the test. Collect them here, where the test already asserted the failure."""
+    logger = logging.getLogger("asyncio")
+    level = logger.level
+    yield
+    logger.setLevel(logging.CRITICAL)
+    try:
+        gc.collect()
+    finally:
+        logger.setLevel(level)
 
 
 @pytest.fixture(autouse=True)
