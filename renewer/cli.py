@@ -8,11 +8,13 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
+from renewer.assess import assess_certificate, endpoint_reports
 from renewer.config import load_settings
+from renewer.context import RunOptions, make_context
 from renewer.errors import RenewerError
 from renewer.preflight import run_preflight
 from renewer.report import RunReport, write_json
-from renewer.run import RunOptions, assess_certificate, endpoint_reports, make_context, run
+from renewer.run import run
 from renewer.services import Services
 
 log = logging.getLogger(__name__)

@@ -6,205 +6,39 @@ marks it failed and the others carry on. Deployments to one Fly app never overla
 
 from __future__ import annotations
 
-import base64
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from pathlib import Path
 
-from cryptography import x509
-
-from renewer.certs import (
-    days_left,
-    dns_names,
-    fingerprint_sha256,
-    issuer_text,
-    load_pem_chain,
-    load_roots,
-    not_after,
-    serial_hex,
-    system_roots,
-)
+from renewer.assess import assess_certificate, endpoint_reports
+from renewer.certs import days_left, dns_names, issuer_text, not_after, serial_hex
 from renewer.config import CertificateConfig, DotenvTargetConfig, Settings
-from renewer.decide import AriWindow, EndpointState, assess_endpoint, decide_renewal
-from renewer.deploy_dotenv import DotenvTarget, read_dotenv_values
-from renewer.errors import (
-    CertificateInvalidError,
-    DeployError,
-    ProbeError,
-    RenewerError,
-    StepError,
-)
+from renewer.context import RunContext, RunOptions, make_context
+from renewer.decide import decide_renewal
+from renewer.deploy_dotenv import DotenvTarget
+from renewer.errors import DeployError, RenewerError, StepError
 from renewer.issue import remove_stale_challenges
 from renewer.keys import tlsa_3_1_1
-from renewer.probe import Endpoint, ServedCertificate, probe_endpoint
 from renewer.report import CertificateReport, EndpointReport, RunReport
 from renewer.services import Services
 from renewer.targets import Target, TargetResult
 from renewer.validate import ValidatedCertificate, validate_certificate
 from renewer.verify import EndpointsNotServingError, VerifyResult, verify_endpoints
 
+__all__ = [
+    "RunContext",
+    "RunOptions",
+    "assess_certificate",
+    "endpoint_reports",
+    "make_context",
+    "renew_certificate",
+    "run",
+]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    force: bool = False
-    dry_run: bool = False
-    probe_timeout: float = 10.0
-    verify_timeout: float = 300.0
-
-
-@dataclass
-class RunContext:
-    settings: Settings
-    options: RunOptions
-    services: Services
-    roots: Sequence[x509.Certificate]
-    use_system_roots: bool
-    now: Callable[[], datetime]
-    app_locks: dict[str, threading.Lock] = field(default_factory=dict)
-
-
-ProbeResult = tuple[Endpoint | str, list[ServedCertificate | ProbeError]]
-
-# A platform proxy spreads connections over an app's machines, so one connection shows
-# one machine. Two connections per endpoint catch a rollout that stopped half-way.
-PROBE_SAMPLES = 2
-
-
-def probe_all(
-    endpoints: Sequence[Endpoint], sni: str, timeout: float, samples: int = PROBE_SAMPLES
-) -> list[ProbeResult]:
-    """Probes endpoints in parallel, ``samples`` connections each; each result is a
-    ServedCertificate or a ProbeError."""
-
-    def one(endpoint: Endpoint) -> ProbeResult:
-        results: list[ServedCertificate | ProbeError] = []
-        for _ in range(samples):
-            try:
-                results.append(probe_endpoint(endpoint, sni, timeout=timeout))
-            except ProbeError as exc:
-                results.append(exc)
-                break  # an unreachable endpoint is not asked twice: it costs a timeout
-        return endpoint, results
-
-    if not endpoints:
-        return []
-    with ThreadPoolExecutor(
-        max_workers=min(8, len(endpoints)), thread_name_prefix=threading.current_thread().name
-    ) as pool:
-        return list(pool.map(one, endpoints))
-
-
-def assess_certificate(ctx: RunContext, cert: CertificateConfig) -> list[EndpointState]:
-    """Probes the certificate's endpoints and judges each, asking the CA's ARI when enabled."""
-    now = ctx.now()
-    probed = probe_all(cert.endpoints, cert.domains[0], ctx.options.probe_timeout)
-    if not cert.endpoints:
-        probed = deployed_in_files(cert, ctx.services.cwd)
-    served = [r for _, results in probed for r in results if isinstance(r, ServedCertificate)]
-    windows = _ari_windows(ctx, served)
-    states = []
-    for endpoint, results in probed:
-        samples = []
-        for result in results:
-            cert_served = result if isinstance(result, ServedCertificate) else None
-            samples.append(
-                assess_endpoint(
-                    endpoint,
-                    cert_served,
-                    None if cert_served else str(result),
-                    domains=cert.domains,
-                    roots=ctx.roots,
-                    use_system_roots=ctx.use_system_roots,
-                    before_days=ctx.settings.config.renewal.before_days,
-                    now=now,
-                    ari_window=(
-                        windows.get(fingerprint_sha256(cert_served.leaf)) if cert_served else None
-                    ),
-                )
-            )
-        states.append(merge_samples(samples))
-    return states
-
-
-def deployed_in_files(cert: CertificateConfig, cwd: Path) -> list[ProbeResult]:
-    """Without endpoints, what the dotenv targets hold stands for what is live."""
-    results: list[ProbeResult] = []
-    for target in cert.targets:
-        if not isinstance(target, DotenvTargetConfig):
-            continue
-        label = f"dotenv {target.path}"
-        value = read_dotenv_values(cwd / target.path).get(target.chain_var)
-        if not value:
-            results.append((label, [ProbeError(f"{label}: holds no {target.chain_var} yet")]))
-            continue
-        try:
-            chain = load_pem_chain(base64.b64decode(value, validate=True))
-        except (ValueError, CertificateInvalidError):
-            results.append((label, [ProbeError(f"{label}: {target.chain_var} is not a PEM chain")]))
-            continue
-        results.append((label, [ServedCertificate(label, chain[0], tuple(chain[1:]))]))
-    return results
-
-
-def merge_samples(samples: Sequence[EndpointState]) -> EndpointState:
-    """One state per endpoint: the worst sample, plus a reason when samples disagree."""
-    worst = max(samples, key=lambda s: (s.served is None, len(s.renew_reasons)))
-    prints = {fingerprint_sha256(s.served.leaf) for s in samples if s.served is not None}
-    if len(prints) < 2:
-        return worst
-    reason = (
-        f"serves {len(prints)} different certificates on successive connections "
-        "(machines disagree: a rollout did not finish?)"
-    )
-    return replace(
-        worst,
-        problems=(*worst.problems, reason),
-        renew_reasons=(*worst.renew_reasons, reason),
-    )
-
-
-def _ari_windows(ctx: RunContext, served: Sequence[ServedCertificate]) -> dict[str, AriWindow]:
-    if not ctx.settings.config.renewal.ari or not served:
-        return {}
-    windows: dict[str, AriWindow] = {}
-    for item in served:
-        leaf = item.leaf
-        key = fingerprint_sha256(leaf)
-        # A self-signed placeholder has no CA to ask; it is renewed on other grounds.
-        if key in windows or leaf.issuer == leaf.subject:
-            continue
-        window = ctx.services.renewal_window(leaf, ctx.now())
-        if window is not None:
-            windows[key] = window
-    return windows
-
-
-def endpoint_reports(states: Sequence[EndpointState], now: datetime) -> list[EndpointReport]:
-    reports = []
-    for state in states:
-        leaf = state.leaf
-        if leaf is None:
-            reports.append(EndpointReport(str(state.endpoint), problems=state.problems))
-            continue
-        reports.append(
-            EndpointReport(
-                endpoint=str(state.endpoint),
-                serial=serial_hex(leaf),
-                not_after=not_after(leaf),
-                days_left=days_left(leaf, now),
-                issuer=issuer_text(leaf),
-                names=dns_names(leaf),
-                problems=state.problems,
-            )
-        )
-    return reports
 
 
 def build_targets(ctx: RunContext, cert: CertificateConfig) -> list[Target]:
@@ -382,21 +216,3 @@ def run(
             report.add(cert_report)
     report.finished_at = now()
     return report
-
-
-def make_context(
-    settings: Settings,
-    options: RunOptions,
-    services: Services,
-    now: Callable[[], datetime] = lambda: datetime.now(UTC),
-) -> RunContext:
-    bundle = settings.config.acme.ca_bundle
-    return RunContext(
-        settings=settings,
-        options=options,
-        services=services,
-        # The system roots are parsed once per run, not once per chain checked.
-        roots=[*load_roots(None if bundle is None else services.cwd / bundle), *system_roots()],
-        use_system_roots=False,
-        now=now,
-    )
