@@ -8,8 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -35,16 +34,9 @@ log = logging.getLogger(__name__)
 class Services:
     """Clients for one run. Not shared between runs; closed at the end of the run."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        cwd: Path,
-        *,
-        now: Callable[[], datetime] = lambda: datetime.now(UTC),
-    ) -> None:
+    def __init__(self, settings: Settings, cwd: Path) -> None:
         self.settings = settings
         self.cwd = cwd
-        self._now = now
         self._lock = threading.Lock()
         self._account_lock = threading.Lock()
         self._local = threading.local()
@@ -65,6 +57,8 @@ class Services:
         tb: TracebackType | None,
     ) -> None:
         self._session.close()
+        for client in self._fly_clients.values():
+            client.close()
 
     # ------------------------------------------------------------------ ACME
 
