@@ -19,6 +19,7 @@ whole deployment so two deployments to one app never overlap.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -76,11 +77,14 @@ class _LeaseKeeper:
 
 _PRECONDITION_ATTEMPTS = 4
 
+
 # Release markers written into each machine's metadata: they also make every update a
 # real config change, so the machine gets a new version (fly-api.md 7).
-MARKER_CERTIFICATE = "cert_renewer_certificate"
-MARKER_SERIAL = "cert_renewer_serial"
-MARKER_FINGERPRINT = "cert_renewer_fingerprint"
+def marker_keys(certificate_name: str) -> tuple[str, str]:
+    """The metadata keys (fingerprint, serial) of one certificate's release markers. Named
+    per certificate: two certificates deployed to one app must not overwrite each other's."""
+    slug = re.sub(r"[^a-z0-9]+", "_", certificate_name.lower()).strip("_") or "certificate"
+    return f"cert_renewer_{slug}_fingerprint", f"cert_renewer_{slug}_serial"
 
 
 class FlyTarget:
@@ -95,11 +99,13 @@ class FlyTarget:
         client: FlyClient,
         app_lock: threading.Lock,
         *,
+        certificate_name: str,
         smoke_check_seconds: float = 10.0,
         poll_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        self._markers = marker_keys(certificate_name)
         self._config = config
         self._client = client
         self._app_lock = app_lock
@@ -136,7 +142,7 @@ class FlyTarget:
             )
             return None
         markers = {
-            str((m.config.get("metadata") or {}).get(MARKER_FINGERPRINT, "")) for m in machines
+            str((m.config.get("metadata") or {}).get(self._markers[0], "")) for m in machines
         }
         if len(markers) < 2:
             return None
@@ -373,9 +379,9 @@ def _with_markers(config: Mapping[str, Any], material: DeployMaterial) -> dict[s
     """The machine's own config with only its metadata changed."""
     updated = dict(config)
     metadata = dict(config.get("metadata") or {})
-    metadata[MARKER_CERTIFICATE] = material.certificate_name
-    metadata[MARKER_SERIAL] = material.serial
-    metadata[MARKER_FINGERPRINT] = material.fingerprint_sha256
+    fingerprint_key, serial_key = marker_keys(material.certificate_name)
+    metadata[fingerprint_key] = material.fingerprint_sha256
+    metadata[serial_key] = material.serial
     updated["metadata"] = metadata
     return updated
 

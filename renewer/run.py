@@ -48,7 +48,7 @@ def build_targets(ctx: RunContext, cert: CertificateConfig) -> list[Target]:
             targets.append(DotenvTarget(target, ctx.services.cwd))
         else:
             lock = ctx.app_locks.setdefault(target.app, threading.Lock())
-            targets.append(ctx.services.fly_target(target, lock))
+            targets.append(ctx.services.fly_target(target, lock, cert.name))
     return targets
 
 

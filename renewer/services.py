@@ -200,11 +200,19 @@ class Services:
                 self._fly_clients[api_base_url] = client
             return client
 
-    def fly_target(self, config: FlyTargetConfig, app_lock: threading.Lock) -> Target:
+    def fly_target(
+        self, config: FlyTargetConfig, app_lock: threading.Lock, certificate_name: str
+    ) -> Target:
         from renewer.deploy_fly import FlyTarget  # noqa: PLC0415 - only when used
 
         client = self.fly_client(config.api_base_url)
-        return FlyTarget(config, client, app_lock, smoke_check_seconds=config.smoke_check)
+        return FlyTarget(
+            config,
+            client,
+            app_lock,
+            certificate_name=certificate_name,
+            smoke_check_seconds=config.smoke_check,
+        )
 
     # ------------------------------------------------------------------ report
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,7 @@ from cryptography import x509
 from emulators.fly_api import FlyApi, MachineSpec
 from renewer.certs import fingerprint_sha256
 from renewer.config import FlyTargetConfig
-from renewer.deploy_fly import MARKER_FINGERPRINT, MARKER_SERIAL, FlyTarget
+from renewer.deploy_fly import FlyTarget, marker_keys
 from renewer.errors import DeployError
 from renewer.fly import FlyClient
 from renewer.probe import Endpoint, probe_endpoint
@@ -52,7 +52,14 @@ class Fleet:
     def target(self, app: str, wait_timeout: float = 10.0, smoke: float = 0.4) -> FlyTarget:
         config = FlyTargetConfig(app=app, api_base_url=self.api.base_url, wait_timeout=wait_timeout)
         lock = self.locks.setdefault(app, threading.Lock())
-        return FlyTarget(config, self.client, lock, smoke_check_seconds=smoke, poll_interval=0.1)
+        return FlyTarget(
+            config,
+            self.client,
+            lock,
+            certificate_name="smtp",
+            smoke_check_seconds=smoke,
+            poll_interval=0.1,
+        )
 
     def served(self, app: str, port: int, mode: str = "starttls") -> set[str]:
         """Fingerprints served through the app's front port, hitting every machine."""
@@ -131,8 +138,9 @@ def test_rolls_two_apps_machine_by_machine(fleet: Fleet) -> None:
     for machine_id in sub_ids:
         view = api.machine(SUBMISSION, machine_id)
         assert view.instance_id != before[machine_id]
-        assert view.config["metadata"][MARKER_FINGERPRINT] == material.fingerprint_sha256
-        assert view.config["metadata"][MARKER_SERIAL] == material.serial
+        fingerprint_key, serial_key = marker_keys("smtp")
+        assert view.config["metadata"][fingerprint_key] == material.fingerprint_sha256
+        assert view.config["metadata"][serial_key] == material.serial
         assert view.config["metadata"]["fly_process_group"] == "app"  # kept
         # Only metadata changed: the rest of the machine's own config went back verbatim.
         assert {k: v for k, v in view.config.items() if k != "metadata"} == {
@@ -268,3 +276,38 @@ def test_a_412_right_after_the_secrets_call_is_retried(fleet: Fleet) -> None:
     ]
     assert statuses == [412, 200]
     assert fleet.served(SUBMISSION, 587) == {material.fingerprint_sha256}
+
+
+def test_rollout_problem_sees_a_half_finished_rollout_of_its_own_certificate_only(
+    fleet: Fleet,
+) -> None:
+    api = fleet.api
+    ids = _machines(fleet)
+    config = FlyTargetConfig(app=SUBMISSION, api_base_url=api.base_url, wait_timeout=1.5)
+    lock = fleet.locks.setdefault(SUBMISSION, threading.Lock())
+
+    def target(name: str) -> FlyTarget:
+        return FlyTarget(
+            config,
+            fleet.client,
+            lock,
+            certificate_name=name,
+            smoke_check_seconds=0.4,
+            poll_interval=0.1,
+        )
+
+    smtp = _material(trustme.CA())
+    other = replace(_material(trustme.CA()), certificate_name="mx")
+    target("smtp").deploy(smtp)
+    assert target("smtp").rollout_problem() is None
+
+    # A second certificate on the same app stops half-way (its 2nd machine fails checks).
+    api.machine_fails_checks(SUBMISSION, ids[1])
+    with pytest.raises(DeployError):
+        target("mx").deploy(other)
+
+    problem = target("mx").rollout_problem()
+    assert problem is not None
+    assert "the last rollout did not finish" in problem
+    # The first certificate's markers are its own: its rollout is still complete.
+    assert target("smtp").rollout_problem() is None
