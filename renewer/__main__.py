@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--report-json", help="write the JSON report to this file")
     run.add_argument("--quiet", action="store_true", help="print only warnings and the report")
-    check = sub.add_parser("check", help="probe the live endpoints; change nothing")
+    check = sub.add_parser(
+        "check", help="probe the live endpoints and pre-flight the tokens; change nothing"
+    )
     check.add_argument("--config", help="JSON config file (default: $RENEWER_CONFIG)")
     check.add_argument("--report-json", help="write the JSON report to this file")
     demo = sub.add_parser("demo", help="the whole run on this machine, no account needed")
