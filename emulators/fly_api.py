@@ -98,10 +98,19 @@ def _parse_duration(value: object, default: float) -> float:
     return number * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2) or "s"]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _ready_ports(ready: Path | None) -> list[int] | None:
+    """The ports an SMTP machine process bound, from the ready file it wrote atomically."""
+    if ready is None:
+        return None
+    try:
+        ports = json.loads(ready.read_text()).get("ports")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [int(p) for p in ports] if isinstance(ports, list) else None
+
+
+def _machine_listen(machine: _Machine) -> str:
+    return str((machine.config.get("env") or {}).get("SMTP_LISTEN", ""))
 
 
 def parse_listen(value: str) -> list[tuple[int, str]]:
@@ -662,10 +671,12 @@ class FlyApi:
             ]
             ready_file = None
         elif listen:
-            machine.host_ports = {port: _free_port() for port, _ in listen}
+            # Each process binds free ports itself and reports them in its ready file:
+            # picking a port here and binding it there races with every other process.
+            machine.host_ports = {}
             argv = [sys.executable, "-m", "emulators.smtp_server"]
-            for port, mode in listen:
-                argv += ["--listen", f"127.0.0.1:{machine.host_ports[port]}/{mode}"]
+            for _port, mode in listen:
+                argv += ["--listen", f"127.0.0.1:0/{mode}"]
             argv += [
                 "--key-var",
                 env.get("SMTP_KEY_VAR", "PRIVATEKEY"),
@@ -698,8 +709,12 @@ class FlyApi:
         deadline = time.monotonic() + _READY_TIMEOUT
         while proc.poll() is None and time.monotonic() < deadline:
             if ready is None or ready.exists():
+                ports = _ready_ports(ready)
                 with self._lock:
                     if machine.launch_seq == seq and machine.state == "starting":
+                        if ports is not None:
+                            internal = [p for p, _ in parse_listen(_machine_listen(machine))]
+                            machine.host_ports = dict(zip(internal, ports, strict=False))
                         self._set_state(machine, "started")
                         self._event(machine, "start", "started")
                 break

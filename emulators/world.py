@@ -138,13 +138,12 @@ class LocalWorld:
         env_file = self.workdir / "relay.env"
         env_file.touch(mode=0o600)
         ready = self.workdir / "relay.ready"
-        port = _free_port()
         argv = [
             sys.executable,
             "-m",
             "emulators.smtp_server",
             "--listen",
-            f"127.0.0.1:{port}/starttls",
+            "127.0.0.1:0/starttls",  # it binds a free port itself and names it when ready
             "--env-file",
             str(env_file),
             "--ready-file",
@@ -163,7 +162,7 @@ class LocalWorld:
                 )
             time.sleep(0.05)
         self.relay_process = process
-        self.relay_port = port
+        self.relay_port = int(json.loads(ready.read_text())["ports"][0])
 
     # ------------------------------------------------------------------ description
 
@@ -278,14 +277,6 @@ class LocalWorld:
             self.fly_token.removeprefix("FlyV1 "),
             self.mailpace_token,
         ]
-
-
-def _free_port() -> int:
-    import socket  # noqa: PLC0415
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
