@@ -28,6 +28,8 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 
+from emulators.processes import stop_process
+
 _NAME_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9-]+$")
 _ALGORITHMS = frozenset(
     {"hmac-md5", "hmac-sha1", "hmac-sha224", "hmac-sha256", "hmac-sha384", "hmac-sha512"}
@@ -224,15 +226,8 @@ class BindServer:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        if proc is not None:
+            stop_process(proc)
 
     def __enter__(self) -> BindServer:
         return self.start()

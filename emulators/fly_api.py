@@ -36,7 +36,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -50,6 +49,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
+
+from emulators.processes import stop_process
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 _APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -1341,14 +1342,7 @@ def _err(message: str, code: str) -> dict[str, str]:
 
 
 def _terminate(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL if the process has not stopped within 5 seconds."""
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
+    stop_process(proc, timeout=5)
 
 
 class _FrontProxy:

@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from emulators.processes import stop_process
+
 DAY = 86400
 DEFAULT_PROFILES: Mapping[str, int] = {"default": 90 * DAY}
 # Let's Encrypt's profiles (cloudflare-mailpace-acme.md D.3), for profile tests.
@@ -330,15 +332,8 @@ class PebbleServer:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        if process is not None:
+            stop_process(process, timeout=5)
 
     def __enter__(self) -> PebbleServer:
         return self.start()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from emulators.dns_server import DnsServer, RecordStore
 from emulators.fly_api import FlyApi, MachineSpec
 from emulators.mailpace_api import MailPaceSink
 from emulators.pebble import PebbleServer
+from emulators.processes import stop_process
 
 ZONE = "example.test"
 ZONE_ID = "023e105f4ecef8ad9ca31a8372d0c353"
@@ -153,7 +153,7 @@ class LocalWorld:
         log = (self.workdir / "relay.log").open("ab")
         self._stack.callback(log.close)
         process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-        self._stack.callback(_stop, process)
+        self._stack.callback(stop_process, process)
         deadline = time.monotonic() + 20
         while not ready.exists():
             if process.poll() is not None or time.monotonic() > deadline:
@@ -277,13 +277,3 @@ class LocalWorld:
             self.fly_token.removeprefix("FlyV1 "),
             self.mailpace_token,
         ]
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
