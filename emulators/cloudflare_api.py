@@ -29,12 +29,13 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from emulators.dns_server import RecordStore
+from emulators.http_server import BackgroundHttpServer
 
 API_PREFIX = "/client/v4"
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{40}$")  # Cloudflare API tokens are 40 characters
@@ -187,8 +188,7 @@ class CloudflareApi:
         self._records: dict[str, dict[str, Any]] = {}  # record id -> API record
         self._faults: list[_Fault] = []
         self._log: list[LoggedRequest] = []
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: BackgroundHttpServer | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -198,12 +198,7 @@ class CloudflareApi:
         class Handler(_Handler):
             owner = api
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
+        self._server = BackgroundHttpServer(Handler)
         return self
 
     def __exit__(
@@ -213,18 +208,14 @@ class CloudflareApi:
         tb: TracebackType | None,
     ) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.stop()
             self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
 
     @property
     def base_url(self) -> str:
         if self._server is None:
             raise RuntimeError("CloudflareApi is not running")
-        return f"http://127.0.0.1:{self._server.server_address[1]}{API_PREFIX}"
+        return f"http://127.0.0.1:{self._server.port}{API_PREFIX}"
 
     # -- test helpers ------------------------------------------------------------------
 

@@ -19,9 +19,11 @@ import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Any
+
+from emulators.http_server import BackgroundHttpServer
 
 _MAX_RECIPIENTS = 50
 _MAX_IDEMPOTENCY_KEY = 255
@@ -72,8 +74,7 @@ class MailPaceSink:
         self._faults: list[_Fault] = []
         self._next_id = 1
         self.requests_seen = 0
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: BackgroundHttpServer | None = None
         self._port = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -96,23 +97,13 @@ class MailPaceSink:
         class Handler(_Handler):
             owner = sink
 
-        server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        server.daemon_threads = True
-        self._server = server
-        self._port = int(server.server_address[1])
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
+        self._server = BackgroundHttpServer(Handler, port)
+        self._port = self._server.port
 
     def _stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.stop()
             self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
 
     @property
     def base_url(self) -> str:

@@ -48,29 +48,23 @@ def run_demo(workdir: Path | None = None) -> int:
             _say(f"   config:                  {config_path}")
             env = world.env()
 
-            _say("\n== run 1: the endpoints serve placeholder certificates, so renewal is due")
-            first_started = time.monotonic()
-            first = run_renewal(
-                str(config_path),
-                env,
-                force=False,
-                dry_run=False,
-                report_json=str(root / "report-1.json"),
-                cwd=root,
-            )
-            first_seconds = time.monotonic() - first_started
-
-            _say("\n== run 2: right after a successful run, nothing is due")
-            second_started = time.monotonic()
-            second = run_renewal(
-                str(config_path),
-                env,
-                force=False,
-                dry_run=False,
-                report_json=str(root / "report-2.json"),
-                cwd=root,
-            )
-            second_seconds = time.monotonic() - second_started
+            runs = []
+            for number, title in (
+                (1, "the endpoints serve placeholder certificates, so renewal is due"),
+                (2, "right after a successful run, nothing is due"),
+            ):
+                _say(f"\n== run {number}: {title}")
+                run_started = time.monotonic()
+                code = run_renewal(
+                    str(config_path),
+                    env,
+                    force=False,
+                    dry_run=False,
+                    report_json=str(root / f"report-{number}.json"),
+                    cwd=root,
+                )
+                runs.append((code, time.monotonic() - run_started))
+        (first, first_seconds), (second, second_seconds) = runs
         _say(
             f"\n== demo finished in {time.monotonic() - started:.1f}s: run 1 exit {first} "
             f"({first_seconds:.1f}s), run 2 exit {second} ({second_seconds:.1f}s); "
