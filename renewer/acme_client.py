@@ -341,8 +341,8 @@ class AcmeClient(acme_client.ClientV2):
         replaces: str | None = None,
     ) -> messages.OrderResource:
         """Like ``ClientV2.new_order`` plus ``replaces``; sent only when the directory
-        advertises ``renewalInfo`` (D.2). On ``alreadyReplaced`` the order is sent once
-        more without it (the old certificate was replaced by an earlier run)."""
+        advertises ``renewalInfo`` (D.2). When the CA refuses it (``alreadyReplaced``
+        or another problem) the order is sent once more without it."""
         if replaces and self.renewal_info_url is None:
             log.info("CA does not advertise renewalInfo; not sending 'replaces'")
             replaces = None
@@ -352,13 +352,17 @@ class AcmeClient(acme_client.ClientV2):
             # The library's bare 409 (D.4): on newOrder that can only be alreadyReplaced.
             if not replaces:
                 raise
-            detail = "HTTP 409"
+            detail = "already replaced (HTTP 409)"
         except messages.Error as exc:
-            if not replaces or problem_code(exc) != "alreadyReplaced":
+            # `replaces` only buys the ARI rate-limit exemption: when the CA refuses it
+            # (alreadyReplaced; a certificate from another account, lego#3147; a lookup
+            # that fails, seen with Pebble), renewing without it beats not renewing.
+            if not replaces or problem_code(exc) in ("rateLimited", "badNonce"):
                 raise
-            detail = str(exc.detail)
+            code = problem_code(exc)
+            detail = "already replaced" if code == "alreadyReplaced" else f"{code}: {exc.detail}"
         log.warning(
-            "CA says certificate %s was already replaced (%s); ordering without 'replaces'",
+            "CA refused 'replaces' %s: %s; ordering without it",
             replaces,
             detail,
         )
